@@ -1,0 +1,96 @@
+"""The language model of `apps/main`: token embedding -> `BaseTransformer` blocks -> norm -> output head.
+
+`LMTransformer.forward` returns fp32 cross-entropy when given targets, logits otherwise. The trainer
+sets `vocab_size` from the tokenizer, builds the model on the meta device, materializes it and calls
+`init_weights()`; memory layers enter through `ffn_for_layer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lingua.args import ConfigError
+from lingua.transformer import BaseTransformer, BaseTransformerArgs, RMSNorm, trunc_normal_
+
+IGNORE_INDEX = -100  # target value that contributes no loss (torch's cross-entropy default)
+
+
+@dataclass
+class LMTransformerArgs(BaseTransformerArgs):
+    seed: int = 42  # seed the trainer sets before init_weights()
+    vocab_size: int = -1  # -1: set from the tokenizer by the trainer
+    weight_tying: bool = False  # the output head reuses the token embedding matrix
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vocab_size != -1 and self.vocab_size <= 0:
+            raise ConfigError(f"vocab_size={self.vocab_size} must be positive, or -1 to take it from the tokenizer")
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean token cross-entropy in fp32. logits [..., V], target [...]; targets equal to
+    ignore_index are left out of the mean (all ignored gives nan)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), ignore_index=ignore_index)
+
+
+class LMTransformer(BaseTransformer):
+    """Decoder-only language model. With weight tying there is one Parameter,
+    `tok_embeddings.weight`, used by the head too (`output` is then None, so a parallelize
+    function must keep `tok_embeddings` unsharded until the head has run, e.g. in the root unit)."""
+
+    def __init__(self, args: LMTransformerArgs, ffn_for_layer: Callable[[int], nn.Module | None] | None = None) -> None:
+        super().__init__(args, ffn_for_layer)
+        if args.vocab_size <= 0:
+            raise ConfigError(
+                f"vocab_size={args.vocab_size}: set model.vocab_size (the trainer sets it from the tokenizer)"
+            )
+        self.args: LMTransformerArgs = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.weight_tying else nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> Tensor:
+        """The [vocab_size, dim] matrix of the output head."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(
+        self,
+        tokens: Tensor,
+        target: Tensor | None = None,
+        *,
+        tok_idx: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> Tensor:
+        """tokens [B, S] -> logits [B, S, V], or the mean loss when target [B, S] is given.
+        tok_idx / doc_ids: see BaseTransformer.forward (doc_ids from lingua.transformer.document_ids)."""
+        h = super().forward(self.tok_embeddings(tokens), tok_idx=tok_idx, doc_ids=doc_ids)
+        h = self.norm(h)
+        # Call the head module when it exists, so wrappers hooked on it (FSDP units) run.
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        if target is None:
+            return logits
+        return cross_entropy(logits, target, ignore_index)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        std = self.args.init_base_std or self.args.dim**-0.5
+        trunc_normal_(self.tok_embeddings.weight, std)
+        self.norm.init_weights()
+        if self.output is not None:
+            trunc_normal_(self.output.weight, std)
+
+    def dense_param_count(self) -> int:
+        """Parameters that do matmul work per token, for MFU: all but embedding lookups
+        (nn.Embedding / nn.EmbeddingBag tables, including memory values stored that way); the
+        output head counts once, also when it is tied to the token embedding."""
+        lookup_params = {
+            id(p) for m in self.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for p in m.parameters()
+        }
+        dense = sum(p.numel() for p in self.parameters() if id(p) not in lookup_params)
+        return dense + (self.output_weight.numel() if self.output is None else 0)

@@ -1,0 +1,90 @@
+"""Shared timing helper for every benchmark: warm-up, repeated timing, medians, ratios.
+
+On CUDA each call is timed with CUDA events (no host sync inside the timed region); on CPU with
+`time.perf_counter`. A benchmark times its candidates and a named reference in the same run and
+prints a table of medians and ratios against the reference, headed by the device and date, ready
+to paste into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call over `repeats` timed calls."""
+
+    name: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+
+
+def _quantile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_fn(name: str, fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> Timing:
+    """Time `fn()` after `warmup` untimed calls; CUDA events on GPU, perf_counter on CPU."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup} repeats={repeats}")
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        samples = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return Timing(name, statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), repeats)
+
+
+def device_description() -> str:
+    """The device the numbers come from, with torch version and date."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    today = datetime.date.today().isoformat()
+    return f"{device}, torch {torch.__version__}, {today}"
+
+
+def format_table(timings: list[Timing], reference: str, extra: dict[str, str] | None = None) -> str:
+    """A markdown table of medians and the ratio reference/candidate (> 1 means faster than the reference)."""
+    by_name = {t.name: t for t in timings}
+    if reference not in by_name:
+        raise ValueError(f"reference '{reference}' is not among the timed names {sorted(by_name)}")
+    base = by_name[reference].median_ms
+    lines = [
+        f"device: {device_description()}",
+        f"command: {' '.join(['python'] + sys.argv)}",
+        "",
+        f"| name | median ms | p20-p80 ms | speedup vs {reference} |" + (" note |" if extra else ""),
+        "|---|---|---|---|" + ("---|" if extra else ""),
+    ]
+    for t in timings:
+        row = f"| {t.name} | {t.median_ms:.3f} | {t.p20_ms:.3f}-{t.p80_ms:.3f} | {base / t.median_ms:.2f}x |"
+        if extra:
+            row += f" {extra.get(t.name, '')} |"
+        lines.append(row)
+    return "\n".join(lines)

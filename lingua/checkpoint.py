@@ -1,0 +1,259 @@
+"""Checkpoints: sharded save/load of model, optimizer and train state; atomic publish; keep policy.
+
+Layout: `<path>/<step:010d>/` holds the torch.distributed.checkpoint files of {"model", "optim"},
+`train_state_<rank:05d>.json` per rank (step, schedule, data-loader state, RNG states) and
+`params.json` (the run's config). A checkpoint is written under `.partial-<step>` and published by
+one atomic rename, so a crash mid-save never leaves a partial folder where resume looks.
+`python -m lingua.checkpoint consolidate <dir>` writes `consolidated/consolidated.pth` + params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^\d{10}$")
+PARTIAL_PREFIX = ".partial-"
+PARAMS_FILE = "params.json"
+CONSOLIDATED_DIR = "consolidated"
+CONSOLIDATED_FILE = "consolidated.pth"
+
+
+@dataclass
+class SaveEvery:
+    every: int = 0  # save every this many steps (0: never, except the final step for dumps)
+    keep: int = 0  # keep the newest this many of these checkpoints (<= 0: keep all)
+
+
+@dataclass
+class CheckpointArgs:
+    dump: SaveEvery = field(default_factory=lambda: SaveEvery(every=1000, keep=2))  # resume checkpoints
+    eval: SaveEvery = field(default_factory=SaveEvery)  # checkpoints kept for evaluation
+    path: str | None = None  # where checkpoints go; None: <dump_dir>/checkpoints
+    init_ckpt_path: str | None = None  # start from these weights (model only) when dump_dir has no checkpoint
+
+    def __post_init__(self) -> None:
+        for name in ("dump", "eval"):
+            if getattr(self, name).every < 0:
+                raise ValueError(f"checkpoint.{name}.every must be >= 0")
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Single-process DCP warns on every call that no process group exists; that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dirs(path: str | Path) -> list[Path]:
+    """Published checkpoint folders under `path`, oldest first."""
+    root = Path(path)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def _bytes_to_text(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.numpy().tobytes()).decode("ascii")
+
+
+def _text_to_bytes(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and current CUDA device) RNG states, JSON-serializable."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": _bytes_to_text(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = _bytes_to_text(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_text_to_bytes(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_text_to_bytes(state["cuda"]))
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes the checkpoints of one run."""
+
+    def __init__(self, args: CheckpointArgs, path: str | Path) -> None:
+        self.args = args
+        self.path = Path(path)
+
+    def _is_eval_step(self, step: int) -> bool:
+        return self.args.eval.every > 0 and step % self.args.eval.every == 0
+
+    def should_save(self, step: int, final: bool) -> bool:
+        dump_every = self.args.dump.every
+        return final or (dump_every > 0 and step % dump_every == 0) or self._is_eval_step(step)
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any], config: dict[str, Any]) -> Path:
+        """Write the checkpoint of `step` and publish it atomically; returns its folder."""
+        final_dir = self.path / f"{step:010d}"
+        partial = self.path / f"{PARTIAL_PREFIX}{step:010d}"
+        if _rank() == 0:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        _barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _single_process_quiet():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
+        state = {"step": step, **train_state, "rng": rng_state()}
+        _write_json(partial / f"train_state_{_rank():05d}.json", state)
+        _barrier()
+        if _rank() == 0:
+            _write_json(partial / PARAMS_FILE, config)
+            if final_dir.exists():  # a re-run of the same step: replace it whole
+                shutil.rmtree(final_dir)
+            os.replace(partial, final_dir)
+            _fsync_dir(self.path)
+            self.prune()
+        _barrier()
+        logger.info("saved checkpoint %s", final_dir)
+        return final_dir
+
+    def prune(self) -> None:
+        """Keep the newest `dump.keep` and `eval.keep` checkpoints; remove stale partial folders."""
+        for stale in self.path.glob(f"{PARTIAL_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        folders = step_dirs(self.path)
+        evals = [f for f in folders if self._is_eval_step(int(f.name))]
+        dumps = [f for f in folders if f not in evals]
+        keep: set[Path] = set()
+        for group, count in ((dumps, self.args.dump.keep), (evals, self.args.eval.keep)):
+            keep.update(group if count <= 0 else group[-count:])
+        for folder in folders:
+            if folder not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        folders = step_dirs(self.path)
+        return folders[-1] if folders else None
+
+    def load(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore model, optimizer and RNG states from `folder`; returns this rank's train state."""
+        state_file = folder / f"train_state_{_rank():05d}.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"checkpoint {folder} has no {state_file.name}: it was written by a different number of ranks")
+        train_state = json.loads(state_file.read_text())
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _single_process_quiet():
+            dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        set_rng_state(train_state.pop("rng"))
+        logger.info("resumed from checkpoint %s (step %d)", folder, train_state["step"])
+        return train_state
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load model weights only, from a checkpoint folder (DCP) or a consolidated .pth file."""
+    path = Path(path)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        return
+    consolidated = path / CONSOLIDATED_DIR / CONSOLIDATED_FILE
+    if consolidated.is_file():
+        load_model_weights(consolidated, model)
+        return
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"'{path}' is neither a checkpoint folder nor a consolidated .pth file")
+    model_state = {k: v for k, v in model.state_dict().items()}
+    with _single_process_quiet():
+        dcp.load({"model": model_state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    model.load_state_dict(model_state)
+
+
+def consolidate(folder: str | Path) -> Path:
+    """Gather a sharded checkpoint into `consolidated/consolidated.pth` ({"model": ...}) + params.json."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = Path(folder)
+    out_dir = folder / CONSOLIDATED_DIR
+    out_dir.mkdir(exist_ok=True)
+    full = out_dir / "full.tmp"
+    dcp_to_torch_save(str(folder), str(full))
+    state = torch.load(full, map_location="cpu", weights_only=True)
+    full.unlink()
+    tmp = out_dir / (CONSOLIDATED_FILE + ".tmp")
+    torch.save({"model": state["model"]}, tmp)
+    os.replace(tmp, out_dir / CONSOLIDATED_FILE)
+    if (folder / PARAMS_FILE).is_file():
+        shutil.copyfile(folder / PARAMS_FILE, out_dir / PARAMS_FILE)
+    return out_dir / CONSOLIDATED_FILE
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as file:
+        json.dump(data, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Checkpoint tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    consolidate_cmd = commands.add_parser("consolidate", help="gather a checkpoint folder into one .pth file")
+    consolidate_cmd.add_argument("folder", help="a checkpoint folder (<dump_dir>/checkpoints/<step>) or a checkpoints root (its newest)")
+    args = parser.parse_args()
+    folder = Path(args.folder)
+    if not (folder / ".metadata").is_file():
+        newest = step_dirs(folder)
+        if not newest:
+            parser.error(f"'{folder}' holds no checkpoint")
+        folder = newest[-1]
+    print(consolidate(folder))
+
+
+if __name__ == "__main__":
+    main()

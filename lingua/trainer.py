@@ -1,0 +1,268 @@
+"""The one training loop every app plugs into.
+
+An app hands `train()` its config (a subclass of `TrainArgs` that adds a `model` section) and a
+`ModelSpec`: how to build its model for a vocabulary, its parameter groups and its FLOPs per token.
+The loop owns everything else: seeds, data, precision, gradient accumulation, clipping once per
+optimizer step, validation, metrics, profiling, checkpoints with exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from lingua.args import dump_config, to_dict
+from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights
+from lingua.data import DataArgs, build_dataloader, init_dataloader_state, iter_validation_batches, prepare_sources
+from lingua.distributed import DistributedArgs, DistributedEnv, autocast_dtype, detect_env
+from lingua.metrics import LoggingArgs, MetricLogger, Throughput, device_peak_flops, memory_stats, progress_line
+from lingua.optim import OptimArgs, ParamGroupSpec, build_optimizer, clip_grad_norm
+from lingua.profiling import ProfilerArgs, maybe_profile
+from lingua.tokenizer import Tokenizer, build_tokenizer
+
+logger = logging.getLogger("lingua")
+
+
+@dataclass
+class ValidationArgs:
+    every: int = 0  # validation loss every this many steps, and at the start and end (0: never)
+    max_batches: int = 20  # batches per source (None-like: <= 0 reads every val line once)
+    batch_size: int | None = None  # None: data.batch_size
+
+
+@dataclass
+class TrainArgs:
+    """Everything a training run needs except the model; apps subclass it with a `model` field."""
+
+    name: str = "debug"  # run name (metrics, wandb)
+    dump_dir: str = ""  # config, metrics and checkpoints go here; empty: runs/<name>
+    seed: int = 42  # seeds python, numpy and torch (model init uses the model's own seed)
+    steps: int = 1000  # optimizer steps
+    grad_acc_steps: int = 1  # micro-batches per optimizer step
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    distributed: DistributedArgs = field(default_factory=DistributedArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    validation: ValidationArgs = field(default_factory=ValidationArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+    profiling: ProfilerArgs = field(default_factory=ProfilerArgs)
+
+    def __post_init__(self) -> None:
+        if not self.dump_dir:
+            self.dump_dir = f"runs/{self.name}"
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.grad_acc_steps < 1:
+            raise ValueError(f"grad_acc_steps must be >= 1, got {self.grad_acc_steps}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an app tells the loop about its model."""
+
+    build: Callable[[Any, int], nn.Module]  # (model args, vocab size) -> module (called on the meta device)
+    flops_per_token: Callable[[nn.Module, int], float]  # (model, seq_len) -> training FLOPs per token
+    param_groups: Callable[[nn.Module, OptimArgs], list[ParamGroupSpec]] | None = None  # None: default groups
+    model_seed: Callable[[Any], int] = lambda model_args: getattr(model_args, "seed", 0)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: dict[int, float]  # loss per optimizer step logged by this run
+    val_losses: dict[int, float]
+    dump_dir: Path
+    last_checkpoint: Path | None
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _build_model(cfg: TrainArgs, spec: ModelSpec, tokenizer: Tokenizer, env: DistributedEnv) -> nn.Module:
+    """Build on the meta device, materialize on the target device, initialize every tensor."""
+    with torch.device("meta"):
+        model = spec.build(cfg.model, tokenizer.n_words)  # type: ignore[attr-defined]
+    model = model.to_empty(device=env.device)
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        torch.manual_seed(spec.model_seed(cfg.model))  # type: ignore[attr-defined]
+        model.init_weights()
+    if cfg.distributed.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _to_device(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.from_numpy(batch)
+    if device.type == "cuda":
+        tokens = tokens.pin_memory().to(device, non_blocking=True)
+    return tokens[..., 0], tokens[..., 1]
+
+
+def validation_loss(model: nn.Module, cfg: TrainArgs, env: DistributedEnv) -> dict[str, float]:
+    """Mean token loss on each source's val shards (`val/<source>/loss`) and over all (`val/loss`)."""
+    batch_size = cfg.validation.batch_size or cfg.data.batch_size
+    max_batches = cfg.validation.max_batches if cfg.validation.max_batches > 0 else None
+    dtype = autocast_dtype(cfg.distributed)
+    results: dict[str, float] = {}
+    totals = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for source in cfg.data.sources:
+            losses = []
+            for batch in iter_validation_batches(cfg.data, source, batch_size, max_batches, env.rank, env.world_size):
+                inputs, targets = _to_device(batch, env.device)
+                with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
+                    losses.append(model(inputs, targets).float())
+            if losses:
+                results[f"val/{source}/loss"] = torch.stack(losses).mean().item()
+                totals.append(results[f"val/{source}/loss"])
+    if totals:
+        results["val/loss"] = float(np.mean(totals))
+    model.train(was_training)
+    return results
+
+
+def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
+    """Run (or resume) training as configured; returns the losses this call logged."""
+    _setup_logging()
+    env = detect_env(cfg.distributed)
+    if env.world_size > 1:
+        raise RuntimeError(f"this build trains in one process; got WORLD_SIZE={env.world_size}")
+    dump_dir = Path(cfg.dump_dir)
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        dump_config(cfg, dump_dir / "config.yaml")
+    _seed_everything(cfg.seed)
+
+    prepare_sources(cfg.data)
+    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
+    model = _build_model(cfg, spec, tokenizer, env)
+    groups = spec.param_groups(model, cfg.optim) if spec.param_groups else None
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.steps, groups)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %s parameters on %s", f"{n_params:,}", env.device)
+
+    checkpoints = CheckpointManager(cfg.checkpoint, cfg.checkpoint.path or dump_dir / "checkpoints")
+    data_state = init_dataloader_state(cfg.data, env.rank, env.world_size)
+    step = 0
+    latest = checkpoints.latest()
+    if latest is not None:
+        state = checkpoints.load(latest, model, optimizer)
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        data_state = type(data_state).from_dict(state["data"])
+    elif cfg.checkpoint.init_ckpt_path:
+        load_model_weights(cfg.checkpoint.init_ckpt_path, model)
+        logger.info("initialized weights from %s", cfg.checkpoint.init_ckpt_path)
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.grad_acc_steps
+    throughput = Throughput(spec.flops_per_token(model, cfg.data.seq_len), device_peak_flops(cfg.logging.peak_flops), env.world_size)
+    dtype = autocast_dtype(cfg.distributed)
+    result = TrainResult(step=step, losses={}, val_losses={}, dump_dir=dump_dir, last_checkpoint=latest)
+    metric_path = dump_dir / "metrics.jsonl"
+    run_start, start_step = time.perf_counter(), step
+
+    def run_validation() -> None:
+        if cfg.validation.every <= 0:
+            return
+        record = validation_loss(model, cfg, env)
+        if "val/loss" in record:
+            result.val_losses[step] = record["val/loss"]
+            logger.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in record.items()))
+            metrics.log({"step": step, **record})
+
+    with contextlib.ExitStack() as stack:
+        metrics = stack.enter_context(MetricLogger(metric_path, cfg.logging.wandb, cfg.name, to_dict(cfg)))
+        batches: Iterator = stack.enter_context(build_dataloader(cfg.data, data_state, env.rank, env.world_size))
+        profiler = stack.enter_context(maybe_profile(cfg.profiling, dump_dir, start_step=step))
+        model.train()
+        if step == 0:
+            run_validation()
+        window_losses: list[torch.Tensor] = []
+        window_norms: list[torch.Tensor] = []
+        while step < cfg.steps:
+            for _ in range(cfg.grad_acc_steps):
+                batch, data_state = next(batches)
+                inputs, targets = _to_device(batch, env.device)
+                with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = model(inputs, targets)
+                (loss / cfg.grad_acc_steps).backward()
+                window_losses.append(loss.detach().float())
+            grad_norm = clip_grad_norm(model.parameters(), cfg.optim.clip)
+            window_norms.append(grad_norm.detach().float())
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            throughput.add_tokens(tokens_per_step)
+            profiler.step()
+
+            is_final = step == cfg.steps
+            must_save = checkpoints.should_save(step, final=is_final)
+            if step % cfg.logging.freq == 0 or is_final or must_save:
+                _check_finite(window_losses, window_norms, step, cfg.grad_acc_steps)
+                record = {
+                    "step": step,
+                    "loss": torch.stack(window_losses[-cfg.grad_acc_steps:]).mean().item(),
+                    "grad_norm": window_norms[-1].item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": step * tokens_per_step,
+                    **throughput.measure(),
+                    **memory_stats(),
+                }
+                result.losses[step] = record["loss"]
+                elapsed = time.perf_counter() - run_start
+                eta = elapsed / max(step - start_step, 1) * (cfg.steps - step)
+                metrics.log(record)
+                logger.info(progress_line(record, cfg.steps, eta))
+                window_losses.clear()
+                window_norms.clear()
+            if cfg.validation.every > 0 and (step % cfg.validation.every == 0 or is_final):
+                run_validation()
+            if must_save:
+                train_state = {"scheduler": scheduler.state_dict(), "data": data_state.to_dict()}
+                result.last_checkpoint = checkpoints.save(step, model, optimizer, train_state, to_dict(cfg))
+    result.step = step
+    return result
+
+
+def _check_finite(losses: list[torch.Tensor], norms: list[torch.Tensor], step: int, grad_acc_steps: int) -> None:
+    """Raise naming the first optimizer step whose loss or gradient norm is not finite.
+
+    Losses and norms stay on the device between log points, so the loop has no per-step host
+    sync; they are checked before anything is logged or saved, so no checkpoint holds the
+    weights of a non-finite step.
+    """
+    per_step_loss = torch.stack(losses).view(-1, grad_acc_steps)
+    finite = torch.isfinite(per_step_loss).all(dim=1) & torch.isfinite(torch.stack(norms))
+    if bool(finite.all()):
+        return
+    first_bad = int((~finite).nonzero()[0])
+    bad_step = step - len(norms) + 1 + first_bad
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient norm at step {bad_step} (loss {per_step_loss[first_bad].tolist()}, "
+        f"grad norm {float(norms[first_bad])}); the last good checkpoint is kept"
+    )

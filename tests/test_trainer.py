@@ -1,0 +1,171 @@
+"""The training loop end to end on CPU: learning, exact resume, crash safety, non-finite loss."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from apps.main.train import MODEL_SPEC, MainTrainArgs
+from lingua.args import config_from_dict, load_config
+from lingua.checkpoint import CheckpointManager, step_dirs
+from lingua.metrics import read_metrics
+from lingua.synthetic import write_corpus
+from lingua.trainer import NonFiniteLossError, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_corpus(root, "stories", n_train=400, n_val=40, n_chunks=2, seed=0)
+    return root
+
+
+def tiny_config(corpus: Path, dump_dir: Path, **overrides) -> MainTrainArgs:
+    config = {
+        "dump_dir": str(dump_dir),
+        "steps": 60,
+        "seed": 3,
+        "data": {"root_dir": str(corpus), "batch_size": 4, "seq_len": 32, "load_async": False, "prefetch_size": 4},
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seqlen": 32, "multiple_of": 16},
+        "optim": {"lr": 3e-3, "warmup": 5},
+        "checkpoint": {"dump": {"every": 30, "keep": 2}},
+        "logging": {"freq": 1},
+    }
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return config_from_dict(MainTrainArgs, config)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_loss_and_validation_decrease(corpus, tmp_path):
+    cfg = tiny_config(corpus, tmp_path / "run", steps=80, **{"validation.every": 40, "validation.max_batches": 4})
+    result = train(cfg, MODEL_SPEC)
+    assert result.step == 80
+    val = [result.val_losses[s] for s in sorted(result.val_losses)]
+    assert val[0] > 5.0  # byte vocabulary: ln(258) = 5.55 at init
+    assert val[-1] < 0.6 * val[0]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {"step", "loss", "grad_norm", "lr", "speed/tokens_per_s"} <= set(records[1])
+    assert load_config(MainTrainArgs, str(tmp_path / "run" / "config.yaml")) == cfg
+
+
+def test_resume_is_bit_identical(corpus, tmp_path, monkeypatch):
+    full = train(tiny_config(corpus, tmp_path / "full"), MODEL_SPEC)
+
+    original_save = CheckpointManager.save
+
+    def save_then_crash(self, step, *args, **kwargs):
+        folder = original_save(self, step, *args, **kwargs)
+        if step == 30:
+            raise Crash(step)
+        return folder
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_crash)
+    with pytest.raises(Crash):
+        train(tiny_config(corpus, tmp_path / "split"), MODEL_SPEC)
+    monkeypatch.setattr(CheckpointManager, "save", original_save)
+    resumed = train(tiny_config(corpus, tmp_path / "split"), MODEL_SPEC)
+
+    assert sorted(resumed.losses) == list(range(31, 61))
+    for step in range(31, 61):
+        assert resumed.losses[step] == full.losses[step], f"step {step}"
+
+
+def test_resume_with_async_loader_and_grad_accumulation(corpus, tmp_path, monkeypatch):
+    overrides = {"data.load_async": True, "grad_acc_steps": 2, "steps": 12, "checkpoint.dump.every": 6}
+    full = train(tiny_config(corpus, tmp_path / "full", **overrides), MODEL_SPEC)
+    original_save = CheckpointManager.save
+
+    def save_then_crash(self, step, *args, **kwargs):
+        original_save(self, step, *args, **kwargs)
+        raise Crash(step)
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_crash)
+    with pytest.raises(Crash):
+        train(tiny_config(corpus, tmp_path / "split", **overrides), MODEL_SPEC)
+    monkeypatch.setattr(CheckpointManager, "save", original_save)
+    resumed = train(tiny_config(corpus, tmp_path / "split", **overrides), MODEL_SPEC)
+    assert {s: resumed.losses[s] for s in range(7, 13)} == {s: full.losses[s] for s in range(7, 13)}
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous(corpus, tmp_path):
+    """A process killed while writing the step-20 checkpoint leaves step 10 loadable; the rerun resumes from it."""
+    dump_dir = tmp_path / "run"
+    overrides = {"steps": 30, "checkpoint.dump.every": 10, "checkpoint.dump.keep": 3}
+    cfg = tiny_config(corpus, dump_dir, **overrides)
+    script = tmp_path / "killed_run.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal
+            import lingua.checkpoint as checkpoint
+            from apps.main.train import MODEL_SPEC, MainTrainArgs
+            from lingua.args import load_config
+            from lingua.trainer import train
+
+            original = checkpoint._write_json
+            def write_then_die(path, data):
+                original(path, data)
+                if data.get("step") == 20:  # the rank's train state of step 20 is on disk, params.json is not
+                    os.kill(os.getpid(), signal.SIGKILL)
+            checkpoint._write_json = write_then_die
+            train(load_config(MainTrainArgs, {str(dump_dir / 'config.yaml')!r}), MODEL_SPEC)
+            """
+        )
+    )
+    dump_dir.mkdir()
+    from lingua.args import dump_config
+
+    dump_config(cfg, dump_dir / "config.yaml")
+    killed = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    checkpoints = dump_dir / "checkpoints"
+    assert [p.name for p in step_dirs(checkpoints)] == ["0000000010"]
+    assert list(checkpoints.glob(".partial-*"))  # the interrupted write is left where resume never looks
+
+    resumed = train(cfg, MODEL_SPEC)
+    assert sorted(resumed.losses) == list(range(11, 31))
+    reference = train(tiny_config(corpus, tmp_path / "reference", **overrides), MODEL_SPEC)
+    assert all(resumed.losses[s] == reference.losses[s] for s in range(11, 31))
+    assert not list(checkpoints.glob(".partial-*"))  # cleaned up by the next save
+    assert [p.name for p in step_dirs(checkpoints)] == ["0000000010", "0000000020", "0000000030"]
+
+
+def test_non_finite_loss_stops_naming_step_and_keeps_checkpoint(corpus, tmp_path, monkeypatch):
+    cfg = tiny_config(corpus, tmp_path / "run", steps=20, **{"checkpoint.dump.every": 5, "logging.freq": 4})
+    model_forward = type(MODEL_SPEC.build(cfg.model, 258)).forward
+    calls = {"n": 0}
+
+    def forward(self, tokens, target=None, **kwargs):
+        calls["n"] += 1
+        loss = model_forward(self, tokens, target, **kwargs)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(type(MODEL_SPEC.build(cfg.model, 258)), "forward", forward)
+    with pytest.raises(NonFiniteLossError, match="step 7"):
+        train(cfg, MODEL_SPEC)
+    assert [p.name for p in step_dirs(tmp_path / "run" / "checkpoints")] == ["0000000005"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "0000000005" / "train_state_00000.json").read_text())
+    assert state["step"] == 5
+
+
+def test_init_ckpt_path_loads_weights_only(corpus, tmp_path):
+    first = train(tiny_config(corpus, tmp_path / "first", steps=10, **{"checkpoint.dump.every": 10}), MODEL_SPEC)
+    cfg = tiny_config(corpus, tmp_path / "second", steps=1, **{"checkpoint.init_ckpt_path": str(first.last_checkpoint), "optim.warmup": 0})
+    second = train(cfg, MODEL_SPEC)
+    fresh = train(tiny_config(corpus, tmp_path / "fresh", steps=1, **{"optim.warmup": 0}), MODEL_SPEC)
+    assert second.losses[1] < fresh.losses[1] - 0.5  # trained weights, fresh optimizer and schedule
+    assert torch.isfinite(torch.tensor(second.losses[1]))
