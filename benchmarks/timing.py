@@ -9,6 +9,7 @@ to paste into benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -77,7 +78,7 @@ def format_table(timings: list[Timing], reference: str, extra: dict[str, str] | 
     base = by_name[reference].median_ms
     lines = [
         f"device: {device_description()}",
-        f"command: {' '.join(['python'] + sys.argv)}",
+        f"command: {' '.join(['python', os.path.relpath(sys.argv[0])] + sys.argv[1:])}",
         "",
         f"| name | median ms | p20-p80 ms | speedup vs {reference} |" + (" note |" if extra else ""),
         "|---|---|---|---|" + ("---|" if extra else ""),

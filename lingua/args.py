@@ -23,7 +23,11 @@ T = TypeVar("T")
 CONFIG_KEY = "config"
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad user input (a config value, a file, data): commands print the message alone and exit 2."""
+
+
+class ConfigError(InputError):
     """A config that cannot be used: the message names the key, the value and the fix."""
 
 
@@ -198,11 +202,16 @@ def flatten_dict(data: dict, prefix: str = "", sep: str = ".") -> dict[str, Any]
 
 
 def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None) -> Any:
-    """Parse `cls` from the command line and call `main(cfg)`; a ConfigError exits with code 2."""
+    """Parse `cls` from the command line and call `main(cfg)`. Bad input (an `InputError`, from
+    the config or found later, e.g. a missing file) prints one line and exits with code 2."""
     try:
         cfg = parse_args(cls, argv)
-    except ConfigError as error:
+    except InputError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return main(cfg)
+    try:
+        return main(cfg)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 

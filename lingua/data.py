@@ -24,7 +24,7 @@ from typing import IO, Any, Iterator, Literal, NamedTuple
 import fsspec
 import numpy as np
 
-from lingua.args import ConfigError
+from lingua.args import ConfigError, InputError
 from lingua.synthetic import ensure_corpus
 from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer
 
@@ -39,7 +39,7 @@ _POLL_SECONDS = 0.5  # how often a waiting consumer checks that the producer is 
 _STOP_SECONDS = 2.0  # how long a producer gets to exit on shutdown before it is killed
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that cannot be used: the message names the path (and line) and the fix."""
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Literal, Mapping, Sequence
 
-from lingua.args import ConfigError
+from lingua.args import ConfigError, InputError
 
 TokenizerName = Literal["bytes", "sp", "tiktoken"]
 
@@ -57,7 +57,7 @@ MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS}}}|\S{{{MAX_RUN_CHARS}}}")
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(InputError):
     """A tokenizer file that is missing or cannot be read; the message names the path and the
     `setup/` command that fetches or trains one."""
 

@@ -68,7 +68,7 @@ class TrainArgs:
 class ModelSpec:
     """What an app tells the loop about its model."""
 
-    build: Callable[[Any, int], nn.Module]  # (model args, vocab size) -> module (called on the meta device)
+    build: Callable[[Any, Tokenizer], nn.Module]  # (model args, tokenizer) -> module (called on the meta device)
     flops_per_token: Callable[[nn.Module, int], float]  # (model, seq_len) -> training FLOPs per token
     param_groups: Callable[[nn.Module, OptimArgs], list[ParamGroupSpec]] | None = None  # None: default groups
     model_seed: Callable[[Any], int] = lambda model_args: getattr(model_args, "seed", 0)
@@ -103,7 +103,7 @@ def _setup_logging() -> None:
 def _build_model(cfg: TrainArgs, spec: ModelSpec, tokenizer: Tokenizer, env: DistributedEnv) -> nn.Module:
     """Build on the meta device, materialize on the target device, initialize every tensor."""
     with torch.device("meta"):
-        model = spec.build(cfg.model, tokenizer.n_words)  # type: ignore[attr-defined]
+        model = spec.build(cfg.model, tokenizer)  # type: ignore[attr-defined]
     model = model.to_empty(device=env.device)
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         torch.manual_seed(spec.model_seed(cfg.model))  # type: ignore[attr-defined]
@@ -151,14 +151,16 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     env = detect_env(cfg.distributed)
     if env.world_size > 1:
         raise RuntimeError(f"this build trains in one process; got WORLD_SIZE={env.world_size}")
+    # Inputs are checked (tokenizer file, data shards) before anything is written.
+    prepare_sources(cfg.data)
+    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
+    data_state = init_dataloader_state(cfg.data, env.rank, env.world_size)
     dump_dir = Path(cfg.dump_dir)
     dump_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         dump_config(cfg, dump_dir / "config.yaml")
     _seed_everything(cfg.seed)
 
-    prepare_sources(cfg.data)
-    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
     model = _build_model(cfg, spec, tokenizer, env)
     groups = spec.param_groups(model, cfg.optim) if spec.param_groups else None
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.steps, groups)
@@ -166,7 +168,6 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     logger.info("model: %s parameters on %s", f"{n_params:,}", env.device)
 
     checkpoints = CheckpointManager(cfg.checkpoint, cfg.checkpoint.path or dump_dir / "checkpoints")
-    data_state = init_dataloader_state(cfg.data, env.rank, env.world_size)
     step = 0
     latest = checkpoints.latest()
     if latest is not None:
@@ -183,7 +184,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     dtype = autocast_dtype(cfg.distributed)
     result = TrainResult(step=step, losses={}, val_losses={}, dump_dir=dump_dir, last_checkpoint=latest)
     metric_path = dump_dir / "metrics.jsonl"
-    run_start, start_step = time.perf_counter(), step
+    eta_origin: tuple[float, int] | None = None  # (time, step) of the first progress line
 
     def run_validation() -> None:
         if cfg.validation.every <= 0:
@@ -234,8 +235,13 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                     **memory_stats(),
                 }
                 result.losses[step] = record["loss"]
-                elapsed = time.perf_counter() - run_start
-                eta = elapsed / max(step - start_step, 1) * (cfg.steps - step)
+                # ETA from the step rate since the first logged step (startup and compilation excluded).
+                if eta_origin is None:
+                    eta_origin = (time.perf_counter(), step)
+                    eta = float("nan")
+                else:
+                    seconds_per_step = (time.perf_counter() - eta_origin[0]) / max(step - eta_origin[1], 1)
+                    eta = seconds_per_step * (cfg.steps - step)
                 metrics.log(record)
                 logger.info(progress_line(record, cfg.steps, eta))
                 window_losses.clear()

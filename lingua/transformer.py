@@ -316,6 +316,23 @@ ATTENTION_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
 # Layers
 
 
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding: [B, max_len, K, D] each."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.k = torch.zeros(batch, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k_BSKD: Tensor, v_BSKD: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values at positions start..start+S-1; return all of 0..start+S-1."""
+        end = start + k_BSKD.shape[1]
+        if end > self.k.shape[1]:
+            raise ValueError(f"KV cache of {self.k.shape[1]} positions cannot hold position {end - 1}")
+        self.k[:, start:end] = k_BSKD
+        self.v[:, start:end] = v_BSKD
+        return self.k[:, :end], self.v[:, :end]
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads and RoPE; no biases."""
 
@@ -339,11 +356,15 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor],
         mask: Any,
         backend: AttentionBackend,
+        cache: KVCache | None = None,
+        cache_start: int = 0,
     ) -> Tensor:
         q = self.wq(x_BSE).unflatten(-1, (self.n_heads, self.head_dim))
         k = self.wk(x_BSE).unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = self.wv(x_BSE).unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, cache_start)
         out_BSHD = backend.attend(q, k, v, mask)
         return self.wo(out_BSHD.flatten(-2))
 
@@ -410,9 +431,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Any, backend: AttentionBackend
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Any,
+        backend: AttentionBackend,
+        cache: KVCache | None = None,
+        cache_start: int = 0,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, backend)
+        h = x + self.attention(self.attention_norm(x), rope, mask, backend, cache, cache_start)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -458,6 +485,20 @@ class BaseTransformer(nn.Module):
         for layer in self.layers:
             h_BSE = layer(h_BSE, rope, mask, backend)
         return h_BSE
+
+    def forward_cached(
+        self, h_BSE: Tensor, tok_idx: Tensor, attn_mask: Tensor, caches: list[KVCache], cache_start: int
+    ) -> Tensor:
+        """Incremental decoding: the S new tokens sit at cache positions cache_start..cache_start+S-1.
+        tok_idx [B, S]: their RoPE positions; attn_mask [B, 1, S, cache_start+S] (True = attend)."""
+        rope = self.rope_embeddings(h_BSE.shape[1], tok_idx)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            h_BSE = layer(h_BSE, rope, attn_mask, self._sdpa_fallback, cache, cache_start)
+        return h_BSE
+
+    def new_kv_caches(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
+        head_dim, n_kv_heads = self.args.resolved_head_dim, self.args.resolved_n_kv_heads
+        return [KVCache(batch, max_len, n_kv_heads, head_dim, dtype, device) for _ in self.layers]
 
     def _select_backend(self, h: Tensor) -> AttentionBackend:
         """flex_attention has no CPU backward: train with SDPA there (same math), warn once."""

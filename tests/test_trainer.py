@@ -14,6 +14,7 @@ from lingua.args import config_from_dict, load_config
 from lingua.checkpoint import CheckpointManager, step_dirs
 from lingua.metrics import read_metrics
 from lingua.synthetic import write_corpus
+from lingua.tokenizer import ByteTokenizer
 from lingua.trainer import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous(corpus, tmp_path):
 
 def test_non_finite_loss_stops_naming_step_and_keeps_checkpoint(corpus, tmp_path, monkeypatch):
     cfg = tiny_config(corpus, tmp_path / "run", steps=20, **{"checkpoint.dump.every": 5, "logging.freq": 4})
-    model_forward = type(MODEL_SPEC.build(cfg.model, 258)).forward
+    model_forward = type(MODEL_SPEC.build(cfg.model, ByteTokenizer())).forward
     calls = {"n": 0}
 
     def forward(self, tokens, target=None, **kwargs):
@@ -154,7 +155,7 @@ def test_non_finite_loss_stops_naming_step_and_keeps_checkpoint(corpus, tmp_path
         loss = model_forward(self, tokens, target, **kwargs)
         return loss * float("nan") if calls["n"] == 7 else loss
 
-    monkeypatch.setattr(type(MODEL_SPEC.build(cfg.model, 258)), "forward", forward)
+    monkeypatch.setattr(type(MODEL_SPEC.build(cfg.model, ByteTokenizer())), "forward", forward)
     with pytest.raises(NonFiniteLossError, match="step 7"):
         train(cfg, MODEL_SPEC)
     assert [p.name for p in step_dirs(tmp_path / "run" / "checkpoints")] == ["0000000005"]
@@ -169,3 +170,15 @@ def test_init_ckpt_path_loads_weights_only(corpus, tmp_path):
     fresh = train(tiny_config(corpus, tmp_path / "fresh", steps=1, **{"optim.warmup": 0}), MODEL_SPEC)
     assert second.losses[1] < fresh.losses[1] - 0.5  # trained weights, fresh optimizer and schedule
     assert torch.isfinite(torch.tensor(second.losses[1]))
+
+
+def test_profiler_trace_and_plots(corpus, tmp_path):
+    from lingua.plot import plot_run
+
+    overrides = {"steps": 6, "profiling.run": True, "profiling.profile_warmup": 2, "profiling.profile_steps": 2, "validation.every": 3}
+    train(tiny_config(corpus, tmp_path / "run", **overrides), MODEL_SPEC)
+    traces = list((tmp_path / "run" / "profiling").glob("trace_step*.json"))
+    assert len(traces) == 1 and json.loads(traces[0].read_text())["traceEvents"]
+    written = plot_run(tmp_path / "run")
+    assert {p.name for p in written} == {"loss.png", "lr.png", "throughput.png"}
+    assert all(p.stat().st_size > 1000 for p in written)

@@ -28,6 +28,9 @@ from lingua.transformer import (
 VOCAB = 37
 
 
+BOS, EOS = 1, 2  # document delimiters of the test vocabulary
+
+
 def tiny_args(**overrides: object) -> LMTransformerArgs:
     fields = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seqlen=64, multiple_of=16)
     fields.update(overrides)
@@ -37,7 +40,7 @@ def tiny_args(**overrides: object) -> LMTransformerArgs:
 def build(args: LMTransformerArgs, seed: int = 0) -> LMTransformer:
     """The production path: meta build, to_empty, init_weights."""
     with torch.device("meta"):
-        model = LMTransformer(args)
+        model = LMTransformer(args, document_delimiters=(BOS, EOS))
     model.to_empty(device="cpu")
     torch.manual_seed(seed)
     model.init_weights()
@@ -261,10 +264,17 @@ def test_xformers_missing_gives_clear_error() -> None:
         pytest.skip("xformers is installed")
 
 
-def test_doc_mask_requires_doc_ids() -> None:
+def test_doc_mask_finds_documents_from_delimiters() -> None:
+    with pytest.raises(ConfigError, match="doc_mask"):
+        LMTransformer(tiny_args(doc_mask=True))
     model = build(tiny_args(doc_mask=True))
-    with pytest.raises(ValueError, match="doc_ids"):
-        model(torch.zeros(1, 4, dtype=torch.long))
+    tokens = torch.tensor([[BOS, 5, 6, EOS, BOS, 7, 8, 9, EOS, BOS, 4]])
+    with torch.no_grad():
+        found = model(tokens)
+        given = model(tokens, doc_ids=document_ids(tokens, BOS, EOS))
+        unmasked = build(tiny_args())(tokens)
+    torch.testing.assert_close(found, given)
+    assert not torch.allclose(found, unmasked, atol=1e-4)
 
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "flex_attention"])

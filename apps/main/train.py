@@ -13,6 +13,7 @@ from torch import nn
 
 from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, cli_main
+from lingua.tokenizer import Tokenizer
 from lingua.trainer import ModelSpec, TrainArgs, train
 from lingua.transformer import flops_per_token
 
@@ -30,13 +31,13 @@ class MainTrainArgs(TrainArgs):
             )
 
 
-def build_model(args: LMTransformerArgs, vocab_size: int) -> LMTransformer:
-    """The model for a tokenizer of `vocab_size` tokens (model.vocab_size=-1 takes it as is)."""
+def build_model(args: LMTransformerArgs, tokenizer: Tokenizer) -> LMTransformer:
+    """The model for `tokenizer` (model.vocab_size=-1 takes the tokenizer's vocabulary size)."""
     if args.vocab_size == -1:
-        args = dataclasses.replace(args, vocab_size=vocab_size)
-    elif args.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size={args.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
-    return LMTransformer(args)
+        args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
+    elif args.vocab_size < tokenizer.n_words:
+        raise ConfigError(f"model.vocab_size={args.vocab_size} is smaller than the tokenizer's {tokenizer.n_words} tokens")
+    return LMTransformer(args, document_delimiters=(tokenizer.bos_id, tokenizer.eos_id))
 
 
 def model_flops_per_token(model: nn.Module, seq_len: int) -> float:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lingua.args import ConfigError
-from lingua.transformer import BaseTransformer, BaseTransformerArgs, RMSNorm, trunc_normal_
+from lingua.transformer import BaseTransformer, BaseTransformerArgs, KVCache, RMSNorm, document_ids, trunc_normal_
 
 IGNORE_INDEX = -100  # target value that contributes no loss (torch's cross-entropy default)
 
@@ -42,8 +42,18 @@ class LMTransformer(BaseTransformer):
     `tok_embeddings.weight`, used by the head too (`output` is then None, so a parallelize
     function must keep `tok_embeddings` unsharded until the head has run, e.g. in the root unit)."""
 
-    def __init__(self, args: LMTransformerArgs, ffn_for_layer: Callable[[int], nn.Module | None] | None = None) -> None:
+    def __init__(
+        self,
+        args: LMTransformerArgs,
+        ffn_for_layer: Callable[[int], nn.Module | None] | None = None,
+        document_delimiters: tuple[int | None, int | None] = (None, None),
+    ) -> None:
+        """document_delimiters: the (BOS, EOS) ids that separate packed documents; with
+        `doc_mask` the model finds document boundaries from them when no doc_ids are passed."""
         super().__init__(args, ffn_for_layer)
+        if args.doc_mask and document_delimiters == (None, None):
+            raise ConfigError("model.doc_mask=true needs the tokenizer's BOS/EOS ids to find documents")
+        self.document_delimiters = document_delimiters
         if args.vocab_size <= 0:
             raise ConfigError(
                 f"vocab_size={args.vocab_size}: set model.vocab_size (the trainer sets it from the tokenizer)"
@@ -69,13 +79,22 @@ class LMTransformer(BaseTransformer):
     ) -> Tensor:
         """tokens [B, S] -> logits [B, S, V], or the mean loss when target [B, S] is given.
         tok_idx / doc_ids: see BaseTransformer.forward (doc_ids from lingua.transformer.document_ids)."""
+        if self.args.doc_mask and doc_ids is None:
+            doc_ids = document_ids(tokens, *self.document_delimiters)
         h = super().forward(self.tok_embeddings(tokens), tok_idx=tok_idx, doc_ids=doc_ids)
-        h = self.norm(h)
-        # Call the head module when it exists, so wrappers hooked on it (FSDP units) run.
-        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        logits = self._head(h)
         if target is None:
             return logits
         return cross_entropy(logits, target, ignore_index)
+
+    def _head(self, h: Tensor) -> Tensor:
+        h = self.norm(h)
+        # Call the head module when it exists, so wrappers hooked on it (FSDP units) run.
+        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+
+    def forward_cached(self, tokens: Tensor, tok_idx: Tensor, attn_mask: Tensor, caches: list[KVCache], cache_start: int) -> Tensor:
+        """Logits [B, S, V] of S new tokens decoded against the KV caches (see BaseTransformer.forward_cached)."""
+        return self._head(super().forward_cached(self.tok_embeddings(tokens), tok_idx, attn_mask, caches, cache_start))
 
     def init_weights(self) -> None:
         super().init_weights()

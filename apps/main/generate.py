@@ -1,0 +1,188 @@
+"""Text generation from an apps/main checkpoint with a KV cache.
+
+    python -m apps.main.generate ckpt=runs/debug prompt="Once upon a time" generator.max_gen_len=64
+
+`ckpt` is a run's dump_dir (its newest checkpoint), a checkpoint folder, or a consolidated
+folder/file. Prompts of a batch are left-padded so they decode together; each row has its own
+RoPE positions and never attends to padding. The prefix is encoded once, then one token per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from apps.main.train import MainTrainArgs, build_model
+from apps.main.transformer import LMTransformer
+from lingua.args import ConfigError, cli_main, config_from_dict
+from lingua.checkpoint import CONSOLIDATED_DIR, PARAMS_FILE, load_model_weights, step_dirs
+from lingua.tokenizer import Tokenizer, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneratorArgs:
+    max_gen_len: int = 128  # new tokens per prompt at most
+    temperature: float = 0.0  # 0: greedy; otherwise sample from softmax(logits / temperature)
+    top_p: float | None = None  # nucleus sampling: keep the smallest set of tokens with this much mass
+    top_k: int | None = None  # keep the k most likely tokens
+    until: list[str] = field(default_factory=list)  # stop a row when its text contains one of these
+    seed: int = 0  # sampling seed
+    dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype of the model during generation
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_gen_len < 1:
+            raise ConfigError(f"generator.max_gen_len={self.max_gen_len} must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"generator.temperature={self.temperature} must be >= 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"generator.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"generator.top_k={self.top_k} must be >= 1")
+
+
+def sample_next(logits_BV: torch.Tensor, args: GeneratorArgs, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row [B] from its logits [B, V]."""
+    if args.temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    logits = logits_BV.float() / args.temperature
+    if args.top_k is not None:
+        kth = torch.topk(logits, min(args.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if args.top_p is not None:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= args.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Generator:
+    """Batched KV-cache generation for an LMTransformer and its tokenizer."""
+
+    def __init__(self, model: LMTransformer, tokenizer: Tokenizer, args: GeneratorArgs) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.args = args
+        self.device = next(model.parameters()).device
+        self.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    def _encode(self, prompt: str) -> list[int]:
+        tokens = self.tokenizer.encode(prompt, add_bos=True)
+        budget = self.model.args.max_seqlen - self.args.max_gen_len
+        if budget < 1:
+            raise ConfigError(f"generator.max_gen_len={self.args.max_gen_len} leaves no room for a prompt in max_seqlen={self.model.args.max_seqlen}")
+        return tokens[-budget:]  # keep the end of a long prompt
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str]) -> list[str]:
+        """The continuation of each prompt (stop strings cut off, EOS ends a row)."""
+        if not prompts:
+            return []
+        encoded = [self._encode(p) for p in prompts]
+        batch, prompt_len = len(encoded), max(len(t) for t in encoded)
+        pad_B = torch.tensor([prompt_len - len(t) for t in encoded], device=self.device)
+        tokens = torch.zeros(batch, prompt_len, dtype=torch.long, device=self.device)
+        for row, ids in enumerate(encoded):
+            tokens[row, prompt_len - len(ids) :] = torch.tensor(ids, device=self.device)
+        total = prompt_len + self.args.max_gen_len
+        caches = self.model.new_kv_caches(batch, total, self.dtype, self.device)
+        positions = torch.arange(total, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.args.seed)
+
+        # Prefill: causal over each row's own tokens; a padding query sees only itself (no empty rows).
+        query, key = positions[:prompt_len, None], positions[None, :prompt_len]
+        mask = (key <= query) & ((key >= pad_B[:, None, None]) | (key == query))
+        tok_idx = (positions[:prompt_len][None, :] - pad_B[:, None]).clamp(min=0)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = self.model.forward_cached(tokens, tok_idx, mask.unsqueeze(1), caches, 0)[:, -1]
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        for step in range(self.args.max_gen_len):
+            next_B = sample_next(logits, self.args, generator)
+            for row, token in enumerate(next_B.tolist()):
+                if done[row]:
+                    continue
+                if token == self.tokenizer.eos_id:
+                    done[row] = True
+                    continue
+                generated[row].append(token)
+                if self.args.until and any(s in self.tokenizer.decode(generated[row]) for s in self.args.until):
+                    done[row] = True
+            if all(done) or step == self.args.max_gen_len - 1:
+                break
+            cur = prompt_len + step  # cache position of the token just sampled
+            mask = (positions[None, : cur + 1] >= pad_B[:, None]).view(batch, 1, 1, cur + 1)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                logits = self.model.forward_cached(next_B[:, None], (cur - pad_B)[:, None], mask, caches, cur)[:, -1]
+        return [self._finish(tokens) for tokens in generated]
+
+    def _finish(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens)
+        for stop in self.args.until:
+            if stop in text:
+                text = text[: text.index(stop)]
+        return text
+
+
+def _resolve_checkpoint(ckpt: str) -> tuple[Path, Path]:
+    """(weights: a checkpoint folder or .pth file, params.json) for a dump_dir, checkpoints root,
+    checkpoint folder, consolidated folder or consolidated file."""
+    path = Path(ckpt)
+    if path.is_file():
+        return path, path.parent / PARAMS_FILE
+    for candidate in (path, path / "checkpoints"):
+        folders = step_dirs(candidate)
+        if folders:
+            path = folders[-1]
+            break
+    for params in (path / PARAMS_FILE, path / CONSOLIDATED_DIR / PARAMS_FILE):
+        if params.is_file():
+            return path, params  # load_model_weights prefers a consolidated file inside the folder
+    raise FileNotFoundError(f"ckpt='{ckpt}' holds no checkpoint (no {PARAMS_FILE} found); pass a run's dump_dir or a checkpoint folder")
+
+
+def load_model_and_tokenizer(ckpt: str, device: str = "auto") -> tuple[LMTransformer, Tokenizer, MainTrainArgs]:
+    """The trained model (eval mode, on `device`), its tokenizer and its training config."""
+    weights, params = _resolve_checkpoint(ckpt)
+    cfg = config_from_dict(MainTrainArgs, json.loads(params.read_text()), source=str(params))
+    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
+    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    with torch.device("meta"):
+        model = build_model(cfg.model, tokenizer)
+    model = model.to_empty(device=target)
+    model.init_weights()  # buffers that are not in the checkpoint (RoPE tables)
+    load_model_weights(weights, model)
+    return model.eval(), tokenizer, cfg
+
+
+@dataclass
+class GenerateArgs:
+    ckpt: str = "???"  # run dump_dir, checkpoint folder, or consolidated folder/file
+    prompt: str | None = None  # one prompt
+    prompts: list[str] = field(default_factory=list)  # or several, generated as one batch
+    generator: GeneratorArgs = field(default_factory=GeneratorArgs)
+
+
+def main(args: GenerateArgs) -> list[str]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prompts = ([args.prompt] if args.prompt is not None else []) + list(args.prompts)
+    if not prompts:
+        raise SystemExit('give a prompt: prompt="Once upon a time" (or prompts=[...])')
+    model, tokenizer, _ = load_model_and_tokenizer(args.ckpt, args.generator.device)
+    outputs = Generator(model, tokenizer, args.generator).generate(prompts)
+    for prompt, output in zip(prompts, outputs):
+        print(f"{prompt}{output}\n{'-' * 40}")
+    return outputs
+
+
+if __name__ == "__main__":
+    cli_main(GenerateArgs, main)
