@@ -174,14 +174,18 @@ class CheckpointManager:
     def load(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model, optimizer and RNG states from `folder`; returns this rank's train state."""
         state_file = folder / f"train_state_{_rank():05d}.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"checkpoint {folder} has no {state_file.name}: it was written by a different number of ranks")
+        same_layout = state_file.is_file()
+        if not same_layout:  # written by fewer ranks: step and schedule are the same on every rank
+            state_file = folder / "train_state_00000.json"
+            logger.warning("checkpoint %s was written by fewer ranks; rank %d takes rank 0's train state", folder, _rank())
         train_state = json.loads(state_file.read_text())
         model_state, optim_state = get_state_dict(model, optimizer)
         with _single_process_quiet():
             dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-        set_rng_state(train_state.pop("rng"))
+        rng = train_state.pop("rng")
+        if same_layout:
+            set_rng_state(rng)
         logger.info("resumed from checkpoint %s (step %d)", folder, train_state["step"])
         return train_state
 

@@ -1,29 +1,58 @@
-"""Where a process runs: rank, world size, device, precision and compile settings.
+"""Where a process runs and how the model is spread over processes.
 
-`DistributedArgs` is the `distributed:` section of every training config. This module detects
-the launch environment (single process, torchrun, SLURM) and picks the device; the trainer asks
-it for `DistributedEnv` and never reads launcher variables itself.
+`DistributedArgs` is the `distributed:` section of every training config (field names follow
+the public lingua / Memory Layers configs). This module detects the launch environment (single
+process, torchrun, SLURM), initializes the process group, builds the device mesh and applies
+data parallelism (FSDP2 / DDP / HSDP) to a model; the trainer asks it for a `DistributedEnv` and
+never reads launcher variables itself.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import random
+import subprocess
 from dataclasses import dataclass
-from typing import Literal
+from functools import partial
+from typing import Callable, Literal
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, distribute_module
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from lingua.args import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class DistributedArgs:
-    model_dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype (bf16: autocast; parameters stay fp32)
-    compile: bool = False  # torch.compile the model's blocks
+    dp_shard: int = 1  # ranks a parameter is sharded over (FSDP); the rest replicate
+    dp_replicate: int = 1  # replica groups; dp_replicate * dp_shard * tp_size = world size (fixed up if not)
+    tp_size: int = 1  # tensor-parallel degree
+    fsdp_type: Literal["no_shard", "full_shard"] = "no_shard"  # no_shard: replicas (DDP-like); full_shard: FSDP2 (hybrid when dp_replicate > 1)
+    model_dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype (bf16: autocast / FSDP param dtype; master weights stay fp32)
+    compile: bool = False  # torch.compile each block
+    selective_activation_checkpointing: bool = False  # recompute cheap ops in backward, keep matmul outputs
+    checkpoint_each_layer: bool = False  # full activation checkpointing of every block
     matmul_allow_tf32: bool = False  # allow TF32 matmuls on Ampere+ GPUs
+    memory_parallel_size: int = 1  # ranks a product-key value table is sharded over by columns
+    timeout_s: int = 600  # a collective waiting longer than this fails the job (a dead or hung rank)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self) -> None:
+        for key in ("dp_shard", "dp_replicate", "tp_size", "memory_parallel_size", "timeout_s"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"distributed.{key}={getattr(self, key)} must be >= 1")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("distributed.device=cuda but no CUDA device is visible; use distributed.device=auto or cpu")
+            raise ConfigError("distributed.device=cuda but no CUDA device is visible; use distributed.device=auto or cpu")
 
 
 @dataclass(frozen=True)
@@ -62,3 +91,157 @@ def detect_env(args: DistributedArgs) -> DistributedEnv:
 
 def autocast_dtype(args: DistributedArgs) -> torch.dtype | None:
     return torch.bfloat16 if args.model_dtype == "bf16" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group and mesh
+
+
+def _slurm_master() -> tuple[str, int]:
+    """First host of the SLURM node list and a port derived from the job id (same on every task)."""
+    nodes = os.environ["SLURM_JOB_NODELIST"]
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True).stdout.split()
+        host = hosts[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        host = nodes.split(",")[0].split("[")[0]  # a single plain host name
+    port = random.Random(int(os.environ["SLURM_JOB_ID"])).randint(20_000, 60_000)
+    return host, port
+
+
+def init_distributed(args: DistributedArgs) -> DistributedEnv:
+    """Detect the launcher, pick the device and, for more than one process, join the process
+    group (nccl on GPU, gloo on CPU) with `timeout_s` on every collective."""
+    env = detect_env(args)
+    if env.world_size > 1 and not dist.is_initialized():
+        if "LOCAL_RANK" not in os.environ:  # SLURM tasks: rendezvous through the first node
+            host, port = _slurm_master()
+            os.environ.setdefault("MASTER_ADDR", host)
+            os.environ.setdefault("MASTER_PORT", str(port))
+            os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size))
+        dist.init_process_group(
+            backend="nccl" if env.device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=args.timeout_s),
+            device_id=env.device if env.device.type == "cuda" else None,
+        )
+    return env
+
+
+def resolve_parallel_sizes(args: DistributedArgs, world_size: int) -> tuple[int, int, int]:
+    """(dp_replicate, dp_shard, tp) multiplying to world_size; dp_replicate absorbs the rest."""
+    inner = args.dp_shard * args.tp_size
+    if world_size % inner != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by distributed.dp_shard * distributed.tp_size = {inner}: "
+            "set them to divisors of the number of processes"
+        )
+    dp_replicate = world_size // inner
+    if args.dp_replicate not in (1, dp_replicate):
+        raise ConfigError(
+            f"distributed.dp_replicate={args.dp_replicate} does not fit {world_size} processes with dp_shard="
+            f"{args.dp_shard} and tp_size={args.tp_size}; use dp_replicate={dp_replicate}"
+        )
+    if args.fsdp_type == "no_shard" and args.dp_shard > 1:
+        raise ConfigError("distributed.fsdp_type=no_shard replicates parameters: set dp_shard=1 or fsdp_type=full_shard")
+    return dp_replicate, args.dp_shard, args.tp_size
+
+
+def build_mesh(args: DistributedArgs, env: DistributedEnv) -> DeviceMesh | None:
+    """A ("dp_replicate", "dp_shard", "tp") device mesh, or None for a single process."""
+    if env.world_size == 1:
+        return None
+    sizes = resolve_parallel_sizes(args, env.world_size)
+    return init_device_mesh(env.device.type, sizes, mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+
+
+def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """This process's data-parallel rank and the data-parallel size (tp ranks share data)."""
+    if mesh is None:
+        return 0, 1
+    replicate, shard = mesh["dp_replicate"], mesh["dp_shard"]
+    return replicate.get_local_rank() * shard.size() + shard.get_local_rank(), replicate.size() * shard.size()
+
+
+def dp_mean(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Mean of a scalar over the data-parallel ranks (a no-op in one process)."""
+    if mesh is None:
+        return value
+    group = mesh["dp_replicate", "dp_shard"]._flatten().get_group()
+    value = value.detach().clone()
+    dist.all_reduce(value, group=group)
+    return value / dist.get_world_size(group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallelization, always in this order: tensor parallel -> activation checkpointing ->
+# per-block compile -> FSDP2 (torchtitan's order; each step expects the previous one's modules).
+
+# Ops whose outputs selective activation checkpointing keeps; everything else is recomputed.
+_SAVE_OUTPUTS_OF = (
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+)
+
+
+def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OUTPUTS_OF else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(block: nn.Module, selective: bool) -> nn.Module:
+    if selective:
+        return checkpoint_wrapper(block, context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
+    return checkpoint_wrapper(block)
+
+
+def _replicated_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    return tuple(DTensor.from_local(x, mesh, [Replicate()]) if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+
+
+def _local_outputs(module: nn.Module, outputs: object, mesh: DeviceMesh) -> object:
+    return outputs.to_local() if isinstance(outputs, DTensor) else outputs
+
+
+def replicate_remaining_params(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Make every parameter the TP plan left as a plain tensor (embeddings, norms, head) a replicated
+    DTensor on the TP mesh, so the optimizer and clipping see one kind of tensor. Such a module takes
+    replicated inputs and returns a plain tensor, so the code around it is unchanged."""
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(isinstance(p, DTensor) for p in own):
+            distribute_module(module, tp_mesh, input_fn=_replicated_inputs, output_fn=_local_outputs)
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """What a model tells `parallelize` about itself."""
+
+    blocks: nn.ModuleList  # the repeated blocks: each is checkpointed, compiled and sharded on its own
+    tensor_parallel: Callable[[nn.Module, DeviceMesh], None] | None = None  # applies TP in place
+    ignored_params: Callable[[nn.Module], set[nn.Parameter]] | None = None  # never wrapped by FSDP (memory values)
+
+
+def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh | None, args: DistributedArgs) -> nn.Module:
+    """TP -> activation checkpointing -> per-block compile -> FSDP2, as configured."""
+    if mesh is not None and args.tp_size > 1:
+        if plan.tensor_parallel is None:
+            raise ConfigError("distributed.tp_size > 1 but this model has no tensor-parallel plan")
+        plan.tensor_parallel(model, mesh["tp"])
+        replicate_remaining_params(model, mesh["tp"])
+    for index, block in enumerate(plan.blocks):
+        if args.checkpoint_each_layer or args.selective_activation_checkpointing:
+            block = apply_activation_checkpointing(block, selective=not args.checkpoint_each_layer)
+        if args.compile:
+            block.compile()
+        plan.blocks[index] = block
+    if mesh is not None and mesh["dp_replicate"].size() * mesh["dp_shard"].size() > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"]
+        param_dtype = torch.bfloat16 if args.model_dtype == "bf16" else torch.float32
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        ignored = plan.ignored_params(model) if plan.ignored_params else None
+        for block in plan.blocks:
+            fully_shard(block, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
+    return model

@@ -162,6 +162,23 @@ class MetricLogger:
         self.close()
 
 
+class NullLogger:
+    """Stands in for MetricLogger on ranks that do not write metrics."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def __enter__(self) -> "NullLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def metric_path(dump_dir: str | Path) -> Path:
+    return Path(dump_dir) / "metrics.jsonl"
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl file; a torn last line (a crash mid-write) is ignored."""
     lines = Path(path).read_text().splitlines()

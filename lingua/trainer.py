@@ -17,13 +17,25 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from lingua.args import dump_config, to_dict
 from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights
-from lingua.data import DataArgs, build_dataloader, init_dataloader_state, iter_validation_batches, prepare_sources
-from lingua.distributed import DistributedArgs, DistributedEnv, autocast_dtype, detect_env
-from lingua.metrics import LoggingArgs, MetricLogger, Throughput, device_peak_flops, memory_stats, progress_line
+from lingua.data import DataArgs, DataLoaderState, build_dataloader, init_dataloader_state, iter_validation_batches, prepare_sources
+from lingua.distributed import (
+    DistributedArgs,
+    DistributedEnv,
+    ParallelPlan,
+    autocast_dtype,
+    build_mesh,
+    dp_mean,
+    dp_rank_and_size,
+    init_distributed,
+    parallelize,
+)
+from lingua.metrics import LoggingArgs, MetricLogger, NullLogger, Throughput, device_peak_flops, memory_stats, metric_path, progress_line
 from lingua.optim import OptimArgs, ParamGroupSpec, build_optimizer, clip_grad_norm
 from lingua.profiling import ProfilerArgs, maybe_profile
 from lingua.tokenizer import Tokenizer, build_tokenizer
@@ -71,6 +83,7 @@ class ModelSpec:
     build: Callable[[Any, Tokenizer], nn.Module]  # (model args, tokenizer) -> module (called on the meta device)
     flops_per_token: Callable[[nn.Module, int], float]  # (model, seq_len) -> training FLOPs per token
     param_groups: Callable[[nn.Module, OptimArgs], list[ParamGroupSpec]] | None = None  # None: default groups
+    log_metrics: Callable[[nn.Module], dict[str, float]] | None = None  # extra metrics at each log step (reset by the call)
     model_seed: Callable[[Any], int] = lambda model_args: getattr(model_args, "seed", 0)
 
 
@@ -100,17 +113,17 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _build_model(cfg: TrainArgs, spec: ModelSpec, tokenizer: Tokenizer, env: DistributedEnv) -> nn.Module:
-    """Build on the meta device, materialize on the target device, initialize every tensor."""
+def _build_model(cfg: TrainArgs, spec: ModelSpec, tokenizer: Tokenizer, env: DistributedEnv, mesh: DeviceMesh | None) -> nn.Module:
+    """Build on the meta device, materialize on the target device, initialize every tensor with the
+    model seed (identical on every rank), then parallelize (TP -> AC -> compile -> FSDP)."""
     with torch.device("meta"):
         model = spec.build(cfg.model, tokenizer)  # type: ignore[attr-defined]
     model = model.to_empty(device=env.device)
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         torch.manual_seed(spec.model_seed(cfg.model))  # type: ignore[attr-defined]
         model.init_weights()
-    if cfg.distributed.compile:
-        model = torch.compile(model)
-    return model
+    plan = model.parallel_plan() if hasattr(model, "parallel_plan") else ParallelPlan(blocks=nn.ModuleList())
+    return parallelize(model, plan, mesh, cfg.distributed)
 
 
 def _to_device(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,52 +133,72 @@ def _to_device(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, t
     return tokens[..., 0], tokens[..., 1]
 
 
-def validation_loss(model: nn.Module, cfg: TrainArgs, env: DistributedEnv) -> dict[str, float]:
-    """Mean token loss on each source's val shards (`val/<source>/loss`) and over all (`val/loss`)."""
+def validation_loss(model: nn.Module, cfg: TrainArgs, env: DistributedEnv, mesh: DeviceMesh | None) -> dict[str, float]:
+    """Mean token loss on each source's val shards (`val/<source>/loss`) and over all (`val/loss`).
+
+    Data-parallel ranks read disjoint val lines; every rank runs the same number of batches (the
+    smallest count), since sharded forwards are collectives."""
     batch_size = cfg.validation.batch_size or cfg.data.batch_size
     max_batches = cfg.validation.max_batches if cfg.validation.max_batches > 0 else None
+    dp_rank, dp_size = dp_rank_and_size(mesh)
     dtype = autocast_dtype(cfg.distributed)
     results: dict[str, float] = {}
-    totals = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for source in cfg.data.sources:
+        for source in sorted(cfg.data.sources):
+            batches = list(iter_validation_batches(cfg.data, source, batch_size, max_batches, dp_rank, dp_size))
+            count = torch.tensor([float(len(batches))], device=env.device)
+            if mesh is not None:
+                dist.all_reduce(count, op=dist.ReduceOp.MIN)
             losses = []
-            for batch in iter_validation_batches(cfg.data, source, batch_size, max_batches, env.rank, env.world_size):
+            for batch in batches[: int(count.item())]:
                 inputs, targets = _to_device(batch, env.device)
                 with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
                     losses.append(model(inputs, targets).float())
             if losses:
-                results[f"val/{source}/loss"] = torch.stack(losses).mean().item()
-                totals.append(results[f"val/{source}/loss"])
-    if totals:
-        results["val/loss"] = float(np.mean(totals))
+                results[f"val/{source}/loss"] = dp_mean(torch.stack(losses).mean(), mesh).item()
+    if results:
+        results["val/loss"] = float(np.mean(list(results.values())))
     model.train(was_training)
     return results
+
+
+def _restore(state: dict[str, Any], scheduler: Any, data_state: DataLoaderState) -> DataLoaderState:
+    """Scheduler and data-loader state from a checkpoint; a data state saved by another data-parallel
+    layout cannot continue its stream exactly, so the stream restarts (with a warning)."""
+    scheduler.load_state_dict(state["scheduler"])
+    saved = DataLoaderState.from_dict(state["data"])
+    if (saved.rank, saved.world_size) == (data_state.rank, data_state.world_size):
+        return saved
+    logger.warning(
+        "checkpoint data state is for data-parallel rank %d of %d, this run is rank %d of %d: "
+        "model and optimizer resume, the data stream restarts",
+        saved.rank, saved.world_size, data_state.rank, data_state.world_size,
+    )
+    return data_state
 
 
 def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     """Run (or resume) training as configured; returns the losses this call logged."""
     _setup_logging()
-    env = detect_env(cfg.distributed)
-    if env.world_size > 1:
-        raise RuntimeError(f"this build trains in one process; got WORLD_SIZE={env.world_size}")
+    env = init_distributed(cfg.distributed)
+    mesh = build_mesh(cfg.distributed, env)
+    dp_rank, dp_size = dp_rank_and_size(mesh)
     # Inputs are checked (tokenizer file, data shards) before anything is written.
     prepare_sources(cfg.data)
     tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
-    data_state = init_dataloader_state(cfg.data, env.rank, env.world_size)
+    data_state = init_dataloader_state(cfg.data, dp_rank, dp_size)
     dump_dir = Path(cfg.dump_dir)
     dump_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         dump_config(cfg, dump_dir / "config.yaml")
-    _seed_everything(cfg.seed)
+    _seed_everything(cfg.seed + env.rank)
 
-    model = _build_model(cfg, spec, tokenizer, env)
+    model = _build_model(cfg, spec, tokenizer, env, mesh)
     groups = spec.param_groups(model, cfg.optim) if spec.param_groups else None
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.steps, groups)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("model: %s parameters on %s", f"{n_params:,}", env.device)
+    logger.info("model: %s parameters on %s, world size %d (data-parallel %d)", f"{_count_params(model):,}", env.device, env.world_size, dp_size)
 
     checkpoints = CheckpointManager(cfg.checkpoint, cfg.checkpoint.path or dump_dir / "checkpoints")
     step = 0
@@ -173,31 +206,31 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     if latest is not None:
         state = checkpoints.load(latest, model, optimizer)
         step = state["step"]
-        scheduler.load_state_dict(state["scheduler"])
-        data_state = type(data_state).from_dict(state["data"])
+        data_state = _restore(state, scheduler, data_state)
     elif cfg.checkpoint.init_ckpt_path:
         load_model_weights(cfg.checkpoint.init_ckpt_path, model)
         logger.info("initialized weights from %s", cfg.checkpoint.init_ckpt_path)
 
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.grad_acc_steps
-    throughput = Throughput(spec.flops_per_token(model, cfg.data.seq_len), device_peak_flops(cfg.logging.peak_flops), env.world_size)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.grad_acc_steps  # per data-parallel rank
+    flops_per_gpu_token = spec.flops_per_token(model, cfg.data.seq_len) / cfg.distributed.tp_size
+    throughput = Throughput(flops_per_gpu_token, device_peak_flops(cfg.logging.peak_flops), env.world_size)
     dtype = autocast_dtype(cfg.distributed)
     result = TrainResult(step=step, losses={}, val_losses={}, dump_dir=dump_dir, last_checkpoint=latest)
-    metric_path = dump_dir / "metrics.jsonl"
     eta_origin: tuple[float, int] | None = None  # (time, step) of the first progress line
+    set_gradient_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP: sync on the last micro-step only
 
     def run_validation() -> None:
         if cfg.validation.every <= 0:
             return
-        record = validation_loss(model, cfg, env)
+        record = validation_loss(model, cfg, env, mesh)
         if "val/loss" in record:
             result.val_losses[step] = record["val/loss"]
             logger.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in record.items()))
             metrics.log({"step": step, **record})
 
     with contextlib.ExitStack() as stack:
-        metrics = stack.enter_context(MetricLogger(metric_path, cfg.logging.wandb, cfg.name, to_dict(cfg)))
-        batches: Iterator = stack.enter_context(build_dataloader(cfg.data, data_state, env.rank, env.world_size))
+        metrics = stack.enter_context(MetricLogger(metric_path(dump_dir), cfg.logging.wandb, cfg.name, to_dict(cfg)) if env.is_main else NullLogger())
+        batches: Iterator = stack.enter_context(build_dataloader(cfg.data, data_state, dp_rank, dp_size))
         profiler = stack.enter_context(maybe_profile(cfg.profiling, dump_dir, start_step=step))
         model.train()
         if step == 0:
@@ -205,7 +238,9 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
         window_losses: list[torch.Tensor] = []
         window_norms: list[torch.Tensor] = []
         while step < cfg.steps:
-            for _ in range(cfg.grad_acc_steps):
+            for micro_step in range(cfg.grad_acc_steps):
+                if set_gradient_sync is not None:
+                    set_gradient_sync(micro_step == cfg.grad_acc_steps - 1)
                 batch, data_state = next(batches)
                 inputs, targets = _to_device(batch, env.device)
                 with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
@@ -224,15 +259,17 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
             is_final = step == cfg.steps
             must_save = checkpoints.should_save(step, final=is_final)
             if step % cfg.logging.freq == 0 or is_final or must_save:
-                _check_finite(window_losses, window_norms, step, cfg.grad_acc_steps)
+                step_losses = dp_mean(torch.stack(window_losses).view(-1, cfg.grad_acc_steps).mean(dim=1), mesh)
+                _check_finite(step_losses, window_norms, step)
                 record = {
                     "step": step,
-                    "loss": torch.stack(window_losses[-cfg.grad_acc_steps:]).mean().item(),
+                    "loss": step_losses[-1].item(),
                     "grad_norm": window_norms[-1].item(),
                     "lr": scheduler.get_last_lr()[0],
-                    "tokens": step * tokens_per_step,
+                    "tokens": step * tokens_per_step * dp_size,
                     **throughput.measure(),
                     **memory_stats(),
+                    **(spec.log_metrics(model) if spec.log_metrics else {}),
                 }
                 result.losses[step] = record["loss"]
                 # ETA from the step rate since the first logged step (startup and compilation excluded).
@@ -243,7 +280,8 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                     seconds_per_step = (time.perf_counter() - eta_origin[0]) / max(step - eta_origin[1], 1)
                     eta = seconds_per_step * (cfg.steps - step)
                 metrics.log(record)
-                logger.info(progress_line(record, cfg.steps, eta))
+                if env.is_main:
+                    logger.info(progress_line(record, cfg.steps, eta))
                 window_losses.clear()
                 window_norms.clear()
             if cfg.validation.every > 0 and (step % cfg.validation.every == 0 or is_final):
@@ -252,23 +290,31 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                 train_state = {"scheduler": scheduler.state_dict(), "data": data_state.to_dict()}
                 result.last_checkpoint = checkpoints.save(step, model, optimizer, train_state, to_dict(cfg))
     result.step = step
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return result
 
 
-def _check_finite(losses: list[torch.Tensor], norms: list[torch.Tensor], step: int, grad_acc_steps: int) -> None:
+def _count_params(model: nn.Module) -> int:
+    """Parameters of the whole model (sharded parameters counted at their full size)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_finite(step_losses: torch.Tensor, norms: list[torch.Tensor], step: int) -> None:
     """Raise naming the first optimizer step whose loss or gradient norm is not finite.
 
     Losses and norms stay on the device between log points, so the loop has no per-step host
-    sync; they are checked before anything is logged or saved, so no checkpoint holds the
-    weights of a non-finite step.
+    sync; they are checked (the same on every rank: losses are averaged over data-parallel ranks,
+    the norm is global) before anything is logged or saved, so no checkpoint holds the weights of
+    a non-finite step.
     """
-    per_step_loss = torch.stack(losses).view(-1, grad_acc_steps)
-    finite = torch.isfinite(per_step_loss).all(dim=1) & torch.isfinite(torch.stack(norms))
+    finite = torch.isfinite(step_losses) & torch.isfinite(torch.stack(norms))
     if bool(finite.all()):
         return
     first_bad = int((~finite).nonzero()[0])
     bad_step = step - len(norms) + 1 + first_bad
     raise NonFiniteLossError(
-        f"non-finite loss or gradient norm at step {bad_step} (loss {per_step_loss[first_bad].tolist()}, "
+        f"non-finite loss or gradient norm at step {bad_step} (loss {float(step_losses[first_bad])}, "
         f"grad norm {float(norms[first_bad])}); the last good checkpoint is kept"
     )

@@ -19,9 +19,12 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from lingua.args import ConfigError
+from lingua.distributed import ParallelPlan
 
 logger = logging.getLogger(__name__)
 
@@ -513,6 +516,32 @@ class BaseTransformer(nn.Module):
         self.rope_embeddings.init_weights()
         for layer in self.layers:
             layer.init_weights()
+
+    def parallel_plan(self) -> ParallelPlan:
+        """Blocks are checkpointed, compiled and sharded one by one; attention and SwiGLU are tensor-parallel."""
+        return ParallelPlan(blocks=self.layers, tensor_parallel=tensor_parallel_blocks)
+
+
+def tensor_parallel_blocks(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP of every block: wq/wk/wv and w1/w3 split by output columns (each rank owns
+    whole heads), wo and w2 split by input rows with the partial outputs summed. Embeddings, norms and
+    the head stay replicated. A replacement FFN (memory layer) is left to its own parallelism."""
+    tp = tp_mesh.size()
+    if getattr(model, "output", False) is None:
+        raise ConfigError("model.weight_tying with distributed.tp_size > 1 is not supported: untie the head or use tp_size=1")
+    for block in model.layers:
+        attention = block.attention
+        if attention.n_heads % tp or attention.n_kv_heads % tp:
+            raise ConfigError(
+                f"distributed.tp_size={tp} must divide n_heads={attention.n_heads} and n_kv_heads={attention.n_kv_heads}"
+            )
+        plan = {f"attention.{name}": ColwiseParallel() for name in ("wq", "wk", "wv")}
+        plan["attention.wo"] = RowwiseParallel()
+        if isinstance(block.feed_forward, FeedForward):
+            plan |= {"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(), "feed_forward.w2": RowwiseParallel()}
+        parallelize_module(block, tp_mesh, plan)
+        attention.n_heads //= tp  # heads owned by this rank
+        attention.n_kv_heads //= tp
 
 
 def flops_per_token(n_dense_params: int, n_layers: int, dim: int, seq_len: int) -> float:

@@ -1,0 +1,177 @@
+"""Multi-process training on CPU with gloo under torchrun: every layout matches one process.
+
+Data: every rank's chunk holds the same documents and prefetch_size=1 (shuffling only reorders rows
+within a batch), so each data-parallel rank sees the same set of sequences each step as the
+single-process run; the averaged gradient is then that run's gradient up to summation order.
+Tolerance: losses agree to 1e-4 relative over 8 steps (fp32; reduction order differs).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lingua.metrics import read_metrics
+from lingua.synthetic import write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+def config_args(data_root: Path, dump_dir: Path, *extra: str) -> list[str]:
+    return [
+        "config=apps/main/configs/debug.yaml",
+        f"dump_dir={dump_dir}",
+        f"data.root_dir={data_root}",
+        "data.synthesize_missing=false",
+        "data.tokenizer.name=bytes",
+        "data.batch_size=4",
+        "data.seq_len=32",
+        "data.prefetch_size=1",
+        "data.load_async=false",
+        "model.dim=32",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.max_seqlen=32",
+        "model.multiple_of=16",
+        f"steps={STEPS}",
+        "optim.warmup=2",
+        "logging.freq=1",
+        "validation.every=0",
+        "checkpoint.dump.every=4",
+        *extra,
+    ]
+
+
+def run(nproc: int, args: list[str], timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        command = [sys.executable, "-m", "apps.main.train", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "apps.main.train", *args]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def losses(dump_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(dump_dir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[int, Path]:
+    """Roots with 1, 2 and 4 identical chunks of one source."""
+    base = tmp_path_factory.mktemp("dist-data")
+    write_corpus(base / "one", "stories", n_train=200, n_val=20, n_chunks=1, seed=0)
+    roots = {1: base / "one"}
+    for n in (2, 4):
+        source = base / f"x{n}" / "stories"
+        source.mkdir(parents=True)
+        shutil.copy(base / "one" / "stories" / "stories.val.jsonl", source)
+        for k in range(n):
+            shutil.copy(base / "one" / "stories" / "stories.chunk.00.jsonl", source / f"stories.chunk.{k:02d}.jsonl")
+        roots[n] = base / f"x{n}"
+    return roots
+
+
+@pytest.fixture(scope="module")
+def single(data, tmp_path_factory) -> dict[int, float]:
+    dump_dir = tmp_path_factory.mktemp("single") / "run"
+    run(1, config_args(data[1], dump_dir))
+    return losses(dump_dir)
+
+
+def assert_close(got: dict[int, float], expected: dict[int, float]) -> None:
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), f"step {step}: {got[step]} vs {expected[step]}"
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param((2, ["distributed.fsdp_type=no_shard"]), id="replicated"),
+        pytest.param((2, ["distributed.fsdp_type=full_shard", "distributed.dp_shard=2"]), id="full_shard"),
+        pytest.param((4, ["distributed.fsdp_type=full_shard", "distributed.dp_shard=2"]), id="hybrid"),
+        pytest.param((2, ["distributed.tp_size=2"]), id="tp2"),
+    ],
+)
+def test_layout_matches_single_process(layout, data, single, tmp_path):
+    nproc, extra = layout
+    data_ranks = nproc // 2 if "distributed.tp_size=2" in extra else nproc
+    run(nproc, config_args(data[data_ranks] if data_ranks > 1 else data[1], tmp_path / "run", *extra))
+    assert_close(losses(tmp_path / "run"), single)
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "dp_shard" in config
+
+
+def test_two_rank_resume_is_exact(data, tmp_path):
+    """A 2-rank FSDP run resumed from its step-4 checkpoint logs the uninterrupted run's losses exactly."""
+    extra = ["distributed.fsdp_type=full_shard", "distributed.dp_shard=2", "checkpoint.dump.keep=0"]
+    run(2, config_args(data[2], tmp_path / "full", *extra))
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "0000000004", tmp_path / "resumed" / "checkpoints" / "0000000004")
+    run(2, config_args(data[2], tmp_path / "resumed", *extra))
+    resumed, full = losses(tmp_path / "resumed"), losses(tmp_path / "full")
+    assert sorted(resumed) == list(range(5, STEPS + 1))
+    assert resumed == {step: full[step] for step in resumed}
+
+
+def test_checkpoint_reloads_on_other_world_size(data, tmp_path):
+    """A 2-rank FSDP checkpoint resumes model and optimizer in one process (the data stream restarts)."""
+    run(2, config_args(data[2], tmp_path / "run", "distributed.fsdp_type=full_shard", "distributed.dp_shard=2", "steps=4"))
+    result = run(1, config_args(data[1], tmp_path / "run", f"steps={STEPS}"))
+    assert "data stream restarts" in result.stderr
+    assert sorted(losses(tmp_path / "run")) == list(range(1, STEPS + 1))
+
+
+def test_dead_rank_ends_job_within_timeout(tmp_path):
+    """Rank 1 never joins a collective: rank 0 fails after distributed.timeout_s instead of hanging."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import os, time, torch, torch.distributed as dist\n"
+        "from lingua.distributed import DistributedArgs, init_distributed\n"
+        "env = init_distributed(DistributedArgs(timeout_s=5))\n"
+        "if env.rank == 1:\n"
+        "    time.sleep(120)\n"
+        "dist.all_reduce(torch.ones(1))\n"
+    )
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        cwd=REPO, capture_output=True, text=True, timeout=100,
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+
+
+def test_killed_rank_fails_the_job(data, tmp_path):
+    """SIGKILL of one training rank mid-run: the job exits non-zero promptly, every rank ends."""
+    args = config_args(data[2], tmp_path / "run", "distributed.fsdp_type=full_shard", "distributed.dp_shard=2", "steps=100000", "distributed.timeout_s=20")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "apps.main.train", *args]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+        time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-f", "-P", str(process.pid), "apps.main.train"], capture_output=True, text=True).stdout.split()
+    assert children, "no rank processes found"
+    os.kill(int(children[-1]), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert time.monotonic() - start < 60
+    json.dumps(process.returncode)
