@@ -119,13 +119,13 @@ def config_from_dict(cls: type[T], data: dict | DictConfig, source: str = "dict"
     return _to_object(cfg, cls, source)
 
 
-def _split_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+def _split_cli(argv: Sequence[str], config_key: str | None) -> tuple[str | None, list[str]]:
     config_path, overrides = None, []
     for arg in argv:
         if "=" not in arg:
             raise ConfigError(f"command-line argument '{arg}' is not of the form key=value")
         key, _, value = arg.partition("=")
-        if key in (CONFIG_KEY, "--" + CONFIG_KEY):
+        if config_key is not None and key in (config_key, "--" + config_key):
             config_path = value
         else:
             overrides.append(arg.removeprefix("--"))
@@ -161,10 +161,11 @@ def load_config(cls: type[T], config_path: str | None = None, overrides: Sequenc
     return _to_object(cfg, cls, source)
 
 
-def parse_args(cls: type[T], argv: Sequence[str] | None = None) -> T:
-    """The entry point of every command: `config=path.yaml a.b=c ...` -> a validated `cls`."""
+def parse_args(cls: type[T], argv: Sequence[str] | None = None, config_key: str | None = CONFIG_KEY) -> T:
+    """The entry point of every command: `config=path.yaml a.b=c ...` -> a validated `cls`.
+    `config_key=None` for a command whose own fields include `config` (all arguments are overrides)."""
     argv = sys.argv[1:] if argv is None else argv
-    config_path, overrides = _split_cli(argv)
+    config_path, overrides = _split_cli(argv, config_key)
     return load_config(cls, config_path, overrides)
 
 
@@ -201,11 +202,11 @@ def flatten_dict(data: dict, prefix: str = "", sep: str = ".") -> dict[str, Any]
     return flat
 
 
-def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None) -> Any:
+def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None, config_key: str | None = CONFIG_KEY) -> Any:
     """Parse `cls` from the command line and call `main(cfg)`. Bad input (an `InputError`, from
     the config or found later, e.g. a missing file) prints one line and exits with code 2."""
     try:
-        cfg = parse_args(cls, argv)
+        cfg = parse_args(cls, argv, config_key)
     except InputError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -420,7 +420,10 @@ def _picklable(error: BaseException) -> BaseException:
 
 def _produce(args: DataArgs, state: DataLoaderState, shards: dict[str, tuple[_Shard, ...]], conn: Any,
              slots: Any, stop: Any) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's; it stops us through `stop`
+    # Ctrl-C and the preemption signals (SLURM sends them to every process of a job) are the trainer's:
+    # it saves and then stops this producer through `stop`.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
     parent = mp.parent_process()
     try:
         tokenizer = build_tokenizer(args.tokenizer.name, args.tokenizer.path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from lingua.distributed import (
 )
 from lingua.metrics import LoggingArgs, MetricLogger, NullLogger, Throughput, device_peak_flops, memory_stats, metric_path, progress_line
 from lingua.optim import OptimArgs, ParamGroupSpec, build_optimizer, clip_grad_norm
+from lingua.preemption import REQUEUE_SIGNALS, PreemptionWatcher, requeue_slurm_job
 from lingua.profiling import ProfilerArgs, maybe_profile
 from lingua.tokenizer import Tokenizer, build_tokenizer
 
@@ -94,6 +96,7 @@ class NonFiniteLossError(FloatingPointError):
 @dataclass
 class TrainResult:
     step: int
+    preempted_by: str | None  # the signal that stopped the run early (after saving), if any
     losses: dict[int, float]  # loss per optimizer step logged by this run
     val_losses: dict[int, float]
     dump_dir: Path
@@ -108,9 +111,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _setup_logging() -> None:
+def _setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings and errors only on the other ranks (prefixed with their rank)."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        prefix = f"[rank {rank}] " if rank else ""
+        logging.basicConfig(format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def _build_model(cfg: TrainArgs, spec: ModelSpec, tokenizer: Tokenizer, env: DistributedEnv, mesh: DeviceMesh | None) -> nn.Module:
@@ -181,8 +187,8 @@ def _restore(state: dict[str, Any], scheduler: Any, data_state: DataLoaderState)
 
 def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     """Run (or resume) training as configured; returns the losses this call logged."""
-    _setup_logging()
     env = init_distributed(cfg.distributed)
+    _setup_logging(env.rank)
     mesh = build_mesh(cfg.distributed, env)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     # Inputs are checked (tokenizer file, data shards) before anything is written.
@@ -215,7 +221,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     flops_per_gpu_token = spec.flops_per_token(model, cfg.data.seq_len) / cfg.distributed.tp_size
     throughput = Throughput(flops_per_gpu_token, device_peak_flops(cfg.logging.peak_flops), env.world_size)
     dtype = autocast_dtype(cfg.distributed)
-    result = TrainResult(step=step, losses={}, val_losses={}, dump_dir=dump_dir, last_checkpoint=latest)
+    result = TrainResult(step=step, preempted_by=None, losses={}, val_losses={}, dump_dir=dump_dir, last_checkpoint=latest)
     eta_origin: tuple[float, int] | None = None  # (time, step) of the first progress line
     set_gradient_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP: sync on the last micro-step only
 
@@ -232,6 +238,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
         metrics = stack.enter_context(MetricLogger(metric_path(dump_dir), cfg.logging.wandb, cfg.name, to_dict(cfg)) if env.is_main else NullLogger())
         batches: Iterator = stack.enter_context(build_dataloader(cfg.data, data_state, dp_rank, dp_size))
         profiler = stack.enter_context(maybe_profile(cfg.profiling, dump_dir, start_step=step))
+        preemption = stack.enter_context(PreemptionWatcher())
         model.train()
         if step == 0:
             run_validation()
@@ -256,7 +263,8 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
             throughput.add_tokens(tokens_per_step)
             profiler.step()
 
-            is_final = step == cfg.steps
+            stop_signal = preemption.agreed_signal(env.device)
+            is_final = step == cfg.steps or stop_signal is not None
             must_save = checkpoints.should_save(step, final=is_final)
             if step % cfg.logging.freq == 0 or is_final or must_save:
                 step_losses = dp_mean(torch.stack(window_losses).view(-1, cfg.grad_acc_steps).mean(dim=1), mesh)
@@ -284,11 +292,16 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                     logger.info(progress_line(record, cfg.steps, eta))
                 window_losses.clear()
                 window_norms.clear()
-            if cfg.validation.every > 0 and (step % cfg.validation.every == 0 or is_final):
+            if cfg.validation.every > 0 and (step % cfg.validation.every == 0 or step == cfg.steps):
                 run_validation()
             if must_save:
                 train_state = {"scheduler": scheduler.state_dict(), "data": data_state.to_dict()}
                 result.last_checkpoint = checkpoints.save(step, model, optimizer, train_state, to_dict(cfg))
+            if stop_signal is not None:
+                result.preempted_by = signal.Signals(stop_signal).name
+                if stop_signal in REQUEUE_SIGNALS and env.is_main:
+                    requeue_slurm_job()
+                break
     result.step = step
     if dist.is_initialized():
         dist.barrier()

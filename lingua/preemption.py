@@ -1,0 +1,68 @@
+"""Preemption: SIGTERM, SIGUSR1 and SIGUSR2 make training save a checkpoint and stop cleanly.
+
+SLURM sends SIGUSR1/SIGUSR2 ahead of a time limit (`--signal`) and SIGTERM on preemption or
+cancel. The handler only sets a flag; the trainer checks it once per step (agreed by all ranks),
+saves, and, for a time-limit signal under SLURM, requeues the job so it continues from that
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # time limit ahead: save, requeue
+STOP_SIGNALS = (signal.SIGTERM,)  # preempted or cancelled: save, stop
+
+
+class PreemptionWatcher:
+    """Installs the handlers on enter, restores the previous ones on exit."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            logger.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+        self.received = signum
+
+    def __enter__(self) -> "PreemptionWatcher":
+        for signum in REQUEUE_SIGNALS + STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def agreed_signal(self, device: torch.device) -> int | None:
+        """The signal any rank received (every rank gets the same answer, so all stop at one step)."""
+        if not dist.is_initialized():
+            return self.received
+        flag = torch.tensor([self.received or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+def requeue_slurm_job() -> bool:
+    """Put this SLURM job back in the queue (rank 0 only); False when not under SLURM."""
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return False
+    if os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        logger.error("scontrol requeue %s failed: %s", job_id, result.stderr.strip())
+        return False
+    logger.warning("requeued SLURM job %s; it resumes from the checkpoint just saved", job_id)
+    return True
