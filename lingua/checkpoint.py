@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import contextlib
 import json
 import logging
@@ -27,13 +28,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from lingua.args import InputError
 
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^\d{10}$")
 PARTIAL_PREFIX = ".partial-"
 PARAMS_FILE = "params.json"
+MANIFEST_FILE = "manifest.json"  # size and sha256 of every other file; written last, before publishing
 CONSOLIDATED_DIR = "consolidated"
 CONSOLIDATED_FILE = "consolidated.pth"
 
@@ -63,6 +68,76 @@ def _single_process_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written; the message names the folder and the cause."""
+
+
+class CorruptCheckpointError(InputError):
+    """A checkpoint whose files do not match its manifest (truncated, altered, missing)."""
+
+
+class CheckpointMismatchError(InputError):
+    """A checkpoint that does not fit the model being trained (another shape or architecture)."""
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_gather(value: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _my_share(files: list[Path]) -> list[Path]:
+    """Files this rank hashes or verifies: every world-th one, so ranks share the work."""
+    return files[_rank() :: _world()]
+
+
+def write_manifest(folder: Path) -> None:
+    """Every rank hashes its share of the folder's files; rank 0 writes the manifest (collective)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    mine = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _my_share(files)}
+    if _rank() == 0:
+        entries: dict[str, Any] = {}
+        for part in _all_gather(mine):
+            entries.update(part)
+        _write_json(folder / MANIFEST_FILE, {"files": entries})
+    else:
+        _all_gather(mine)
+
+
+def verify(folder: Path) -> list[str]:
+    """Problems of a checkpoint folder, each naming a file (empty: sound). Collective: ranks
+    verify disjoint shares of the files and every rank gets the whole list."""
+    manifest_path = folder / MANIFEST_FILE
+    try:
+        entries = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return [f"{manifest_path}: unreadable manifest ({error})"]
+    problems = []
+    for name in _my_share(sorted(entries)):
+        path, expected = folder / name, entries[name]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, expected {expected['size']} (truncated?)")
+        elif _sha256(path) != expected["sha256"]:
+            problems.append(f"{path}: checksum mismatch (corrupted)")
+    return sorted(p for part in _all_gather(problems) for p in part)
 
 
 def _rank() -> int:
@@ -120,34 +195,50 @@ class CheckpointManager:
         self.args = args
         self.path = Path(path)
 
-    def _is_eval_step(self, step: int) -> bool:
+    def is_eval_step(self, step: int) -> bool:
         return self.args.eval.every > 0 and step % self.args.eval.every == 0
 
     def should_save(self, step: int, final: bool) -> bool:
         dump_every = self.args.dump.every
-        return final or (dump_every > 0 and step % dump_every == 0) or self._is_eval_step(step)
+        return final or (dump_every > 0 and step % dump_every == 0) or self.is_eval_step(step)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any], config: dict[str, Any]) -> Path:
-        """Write the checkpoint of `step` and publish it atomically; returns its folder."""
+        """Write the checkpoint of `step` and publish it atomically; returns its folder.
+
+        A failed write (disk full, read-only folder) raises CheckpointError and leaves every
+        published checkpoint as it was."""
         final_dir = self.path / f"{step:010d}"
         partial = self.path / f"{PARTIAL_PREFIX}{step:010d}"
+        try:
+            if _rank() == 0:
+                if partial.exists():
+                    shutil.rmtree(partial)
+                partial.mkdir(parents=True)
+            _barrier()
+            model_state, optim_state = get_state_dict(model, optimizer)
+            with _single_process_quiet():
+                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
+            state = {"step": step, **train_state, "rng": rng_state()}
+            _write_json(partial / f"train_state_{_rank():05d}.json", state)
+            _barrier()
+            if _rank() == 0:
+                _write_json(partial / PARAMS_FILE, config)
+            _barrier()
+            write_manifest(partial)
+            if _rank() == 0:
+                if final_dir.exists():  # a re-run of the same step: replace it whole
+                    shutil.rmtree(final_dir)
+                os.replace(partial, final_dir)
+                _fsync_dir(self.path)
+        except OSError as error:
+            if _rank() == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            previous = self.latest()
+            raise CheckpointError(
+                f"cannot write checkpoint {final_dir}: {error.strerror or error}"
+                + (f"; the previous checkpoint {previous} is kept" if previous else "")
+            ) from error
         if _rank() == 0:
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-        _barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        with _single_process_quiet():
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
-        state = {"step": step, **train_state, "rng": rng_state()}
-        _write_json(partial / f"train_state_{_rank():05d}.json", state)
-        _barrier()
-        if _rank() == 0:
-            _write_json(partial / PARAMS_FILE, config)
-            if final_dir.exists():  # a re-run of the same step: replace it whole
-                shutil.rmtree(final_dir)
-            os.replace(partial, final_dir)
-            _fsync_dir(self.path)
             self.prune()
         _barrier()
         logger.info("saved checkpoint %s", final_dir)
@@ -158,7 +249,7 @@ class CheckpointManager:
         for stale in self.path.glob(f"{PARTIAL_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
         folders = step_dirs(self.path)
-        evals = [f for f in folders if self._is_eval_step(int(f.name))]
+        evals = [f for f in folders if self.is_eval_step(int(f.name))]
         dumps = [f for f in folders if f not in evals]
         keep: set[Path] = set()
         for group, count in ((dumps, self.args.dump.keep), (evals, self.args.eval.keep)):
@@ -171,6 +262,20 @@ class CheckpointManager:
         folders = step_dirs(self.path)
         return folders[-1] if folders else None
 
+    def latest_sound(self) -> Path | None:
+        """The newest checkpoint that verifies against its manifest; corrupt newer ones are
+        reported (naming the file) and skipped. Raises when checkpoints exist but none is sound,
+        rather than silently starting over."""
+        folders = step_dirs(self.path)
+        for folder in reversed(folders):
+            problems = verify(folder)
+            if not problems:
+                return folder
+            logger.error("checkpoint %s is not usable, trying an older one: %s", folder, "; ".join(problems))
+        if folders:
+            raise CorruptCheckpointError(f"no usable checkpoint in {self.path}: every one fails verification (see the errors above)")
+        return None
+
     def load(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model, optimizer and RNG states from `folder`; returns this rank's train state."""
         state_file = folder / f"train_state_{_rank():05d}.json"
@@ -180,8 +285,14 @@ class CheckpointManager:
             logger.warning("checkpoint %s was written by fewer ranks; rank %d takes rank 0's train state", folder, _rank())
         train_state = json.loads(state_file.read_text())
         model_state, optim_state = get_state_dict(model, optimizer)
-        with _single_process_quiet():
-            dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        try:
+            with _single_process_quiet():
+                dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        except (CheckpointException, RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointMismatchError(
+                f"checkpoint {folder} does not fit this model (another shape or architecture?): {_first_cause(error)}; "
+                "use a new dump_dir, or checkpoint.init_ckpt_path for weights of the same shape"
+            ) from error
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
         rng = train_state.pop("rng")
         if same_layout:
@@ -225,6 +336,14 @@ def consolidate(folder: str | Path) -> Path:
     if (folder / PARAMS_FILE).is_file():
         shutil.copyfile(folder / PARAMS_FILE, out_dir / PARAMS_FILE)
     return out_dir / CONSOLIDATED_FILE
+
+
+def _first_cause(error: BaseException) -> str:
+    """The first line of the underlying error (DCP wraps each rank's failure)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        failure = next(iter(error.failures.values()))  # (exception, traceback frames)
+        error = failure[0] if isinstance(failure, tuple) else failure
+    return str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from lingua.distributed import (
     init_distributed,
     parallelize,
 )
+from lingua.eval_harness import EvalArgs
 from lingua.metrics import LoggingArgs, MetricLogger, NullLogger, Throughput, device_peak_flops, memory_stats, metric_path, progress_line
 from lingua.optim import OptimArgs, ParamGroupSpec, build_optimizer, clip_grad_norm
 from lingua.preemption import REQUEUE_SIGNALS, PreemptionWatcher, requeue_slurm_job
@@ -61,6 +62,7 @@ class TrainArgs:
     seed: int = 42  # seeds python, numpy and torch (model init uses the model's own seed)
     steps: int = 1000  # optimizer steps
     grad_acc_steps: int = 1  # micro-batches per optimizer step
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop naming the step, or skip its update (checked every step)
     data: DataArgs = field(default_factory=DataArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
@@ -68,6 +70,7 @@ class TrainArgs:
     validation: ValidationArgs = field(default_factory=ValidationArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     profiling: ProfilerArgs = field(default_factory=ProfilerArgs)
+    eval: EvalArgs | None = None  # evaluate the checkpoints saved every checkpoint.eval.every steps (lm-eval tasks, val loss)
 
     def __post_init__(self) -> None:
         if not self.dump_dir:
@@ -86,6 +89,7 @@ class ModelSpec:
     flops_per_token: Callable[[nn.Module, int], float]  # (model, seq_len) -> training FLOPs per token
     param_groups: Callable[[nn.Module, OptimArgs], list[ParamGroupSpec]] | None = None  # None: default groups
     log_metrics: Callable[[nn.Module], dict[str, float]] | None = None  # extra metrics at each log step (reset by the call)
+    evaluate: Callable[[Any, Path, int], dict[str, float]] | None = None  # (cfg, checkpoint folder, step) -> eval metrics
     model_seed: Callable[[Any], int] = lambda model_args: getattr(model_args, "seed", 0)
 
 
@@ -99,6 +103,7 @@ class TrainResult:
     preempted_by: str | None  # the signal that stopped the run early (after saving), if any
     losses: dict[int, float]  # loss per optimizer step logged by this run
     val_losses: dict[int, float]
+    skipped_steps: list[int]  # steps whose update was skipped for a non-finite loss (on_nonfinite=skip)
     dump_dir: Path
     last_checkpoint: Path | None
 
@@ -208,7 +213,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
 
     checkpoints = CheckpointManager(cfg.checkpoint, cfg.checkpoint.path or dump_dir / "checkpoints")
     step = 0
-    latest = checkpoints.latest()
+    latest = checkpoints.latest_sound()
     if latest is not None:
         state = checkpoints.load(latest, model, optimizer)
         step = state["step"]
@@ -221,7 +226,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     flops_per_gpu_token = spec.flops_per_token(model, cfg.data.seq_len) / cfg.distributed.tp_size
     throughput = Throughput(flops_per_gpu_token, device_peak_flops(cfg.logging.peak_flops), env.world_size)
     dtype = autocast_dtype(cfg.distributed)
-    result = TrainResult(step=step, preempted_by=None, losses={}, val_losses={}, dump_dir=dump_dir, last_checkpoint=latest)
+    result = TrainResult(step=step, preempted_by=None, losses={}, val_losses={}, skipped_steps=[], dump_dir=dump_dir, last_checkpoint=latest)
     eta_origin: tuple[float, int] | None = None  # (time, step) of the first progress line
     set_gradient_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP: sync on the last micro-step only
 
@@ -255,18 +260,23 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                 (loss / cfg.grad_acc_steps).backward()
                 window_losses.append(loss.detach().float())
             grad_norm = clip_grad_norm(model.parameters(), cfg.optim.clip)
-            window_norms.append(grad_norm.detach().float())
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
+            if cfg.on_nonfinite == "skip" and _nonfinite_anywhere(window_losses[-cfg.grad_acc_steps :], grad_norm, mesh):
+                del window_losses[-cfg.grad_acc_steps :]  # the step's data is consumed, its update dropped
+                result.skipped_steps.append(step)
+                logger.warning("step %d: non-finite loss or gradient norm, update skipped (on_nonfinite=skip)", step)
+            else:
+                window_norms.append(grad_norm.detach().float())
+                optimizer.step()
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             throughput.add_tokens(tokens_per_step)
             profiler.step()
 
             stop_signal = preemption.agreed_signal(env.device)
             is_final = step == cfg.steps or stop_signal is not None
             must_save = checkpoints.should_save(step, final=is_final)
-            if step % cfg.logging.freq == 0 or is_final or must_save:
+            if (step % cfg.logging.freq == 0 or is_final or must_save) and window_norms:
                 step_losses = dp_mean(torch.stack(window_losses).view(-1, cfg.grad_acc_steps).mean(dim=1), mesh)
                 _check_finite(step_losses, window_norms, step)
                 record = {
@@ -278,6 +288,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                     **throughput.measure(),
                     **memory_stats(),
                     **(spec.log_metrics(model) if spec.log_metrics else {}),
+                    **({"skipped_steps": len(result.skipped_steps)} if result.skipped_steps else {}),
                 }
                 result.losses[step] = record["loss"]
                 # ETA from the step rate since the first logged step (startup and compilation excluded).
@@ -297,6 +308,9 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
             if must_save:
                 train_state = {"scheduler": scheduler.state_dict(), "data": data_state.to_dict()}
                 result.last_checkpoint = checkpoints.save(step, model, optimizer, train_state, to_dict(cfg))
+                if checkpoints.is_eval_step(step) and cfg.eval is not None and spec.evaluate is not None:
+                    record = _evaluate(spec, cfg, result.last_checkpoint, step, env)
+                    metrics.log({"step": step, **record})
             if stop_signal is not None:
                 result.preempted_by = signal.Signals(stop_signal).name
                 if stop_signal in REQUEUE_SIGNALS and env.is_main:
@@ -309,9 +323,27 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     return result
 
 
+def _evaluate(spec: ModelSpec, cfg: TrainArgs, folder: Path, step: int, env: DistributedEnv) -> dict[str, float]:
+    """Evaluate a just-saved checkpoint: in this process (rank 0, the other ranks wait, so
+    distributed.timeout_s must cover it), or, under SLURM, as its own job (the app's evaluate
+    submits it and returns no metrics; the job appends to metrics.eval.jsonl)."""
+    record = spec.evaluate(cfg, folder, step) if env.is_main else {}
+    if dist.is_initialized():
+        dist.barrier()
+    if record:
+        logger.info("step %d evaluation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in record.items()))
+    return record
+
+
 def _count_params(model: nn.Module) -> int:
     """Parameters of the whole model (sharded parameters counted at their full size)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def _nonfinite_anywhere(micro_losses: list[torch.Tensor], grad_norm: torch.Tensor, mesh: DeviceMesh | None) -> bool:
+    """Whether any rank's loss or the global gradient norm of this step is NaN/inf (a host sync)."""
+    bad = (~torch.isfinite(torch.stack(micro_losses)).all() | ~torch.isfinite(grad_norm)).float()
+    return bool(dp_mean(bad, mesh) > 0)
 
 
 def _check_finite(step_losses: torch.Tensor, norms: list[torch.Tensor], step: int) -> None:

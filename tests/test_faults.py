@@ -1,0 +1,302 @@
+"""Fault injection: nothing that goes wrong costs more than the work since the last checkpoint,
+and nothing fails silently. One section per fault class:
+
+1. crashes (SIGKILL anywhere, corrupt or truncated checkpoints)    2. preemption signals
+3. bad input (each a one-line error, exit code 2, nothing written)  4. numerical faults
+5. distributed and data-producer faults                             6. disk faults
+(Hung collectives and dead ranks under torchrun: tests/test_distributed.py; requeue under
+SLURM: tests/test_slurm.py.)
+"""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lingua.checkpoint import CheckpointError, CorruptCheckpointError, step_dirs
+from lingua.metrics import read_metrics
+from lingua.synthetic import write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fault-data")
+    write_corpus(root, "stories", n_train=300, n_val=20, n_chunks=2, seed=0)
+    return root
+
+
+def run_args(corpus: Path, dump_dir: Path, *extra: str) -> list[str]:
+    return [
+        "config=apps/main/configs/debug.yaml", f"dump_dir={dump_dir}", f"data.root_dir={corpus}",
+        "data.synthesize_missing=false", "data.tokenizer.name=bytes", "data.batch_size=2", "data.seq_len=32",
+        "data.prefetch_size=4", "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.multiple_of=16",
+        "model.max_seqlen=32", "validation.every=0", "optim.warmup=2", "logging.freq=1", "steps=40",
+        "checkpoint.dump.every=5", "checkpoint.dump.keep=0", *extra,
+    ]
+
+
+def train_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apps.main.train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "apps.main.train", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+
+
+def logged(dump_dir: Path) -> dict[int, float]:
+    """Loss per step, the last record of a step winning (a resumed run re-logs steps after its checkpoint)."""
+    path = dump_dir / "metrics.jsonl"
+    return {r["step"]: r["loss"] for r in read_metrics(path) if "loss" in r} if path.exists() else {}
+
+
+def wait_until(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"training exited early: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> dict[int, float]:
+    dump_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = train_cli(run_args(corpus, dump_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return logged(dump_dir)
+
+
+# 1. Crashes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_point_then_resume_is_exact(corpus, reference, tmp_path, seed):
+    """SIGKILL of the whole process group (trainer and data producer) at a random moment, possibly
+    mid-checkpoint; the rerun resumes from the newest complete checkpoint and logs the losses of the
+    uninterrupted run."""
+    dump_dir = tmp_path / "run"
+    args = run_args(corpus, dump_dir, "data.load_async=true")
+    process = start_cli(args)
+    kill_after_step = random.Random(seed).randint(3, 30)
+    wait_until(lambda: max(logged(dump_dir), default=0) >= kill_after_step, process)
+    time.sleep(random.Random(seed).uniform(0, 0.05))
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    complete = step_dirs(dump_dir / "checkpoints")
+    resumed_from = int(complete[-1].name) if complete else 0
+
+    result = train_cli(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = logged(dump_dir)
+    assert losses == reference, f"killed after step {kill_after_step}, resumed from {resumed_from}"
+    if resumed_from:
+        assert f"resumed from checkpoint {complete[-1]}" in result.stderr
+
+
+def test_truncated_checkpoint_is_detected_and_the_previous_one_used(corpus, reference, tmp_path):
+    dump_dir = tmp_path / "run"
+    assert train_cli(run_args(corpus, dump_dir)).returncode == 0
+    newest = step_dirs(dump_dir / "checkpoints")[-1]
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    result = train_cli(run_args(corpus, dump_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert str(shard) in result.stderr and "truncated" in result.stderr
+    assert f"resumed from checkpoint {dump_dir / 'checkpoints' / '0000000035'}" in result.stderr
+    assert logged(dump_dir) == reference  # steps 36-40 redone, identically
+
+
+def test_every_checkpoint_corrupt_stops_instead_of_starting_over(corpus, tmp_path):
+    dump_dir = tmp_path / "run"
+    assert train_cli(run_args(corpus, dump_dir, "steps=10")).returncode == 0
+    for folder in step_dirs(dump_dir / "checkpoints"):
+        shard = next(folder.glob("*.distcp"))
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, altered content
+        shard.write_bytes(bytes(data))
+    before = (dump_dir / "metrics.jsonl").read_text()
+    result = train_cli(run_args(corpus, dump_dir))
+    assert result.returncode == 2
+    assert "checksum mismatch" in result.stderr and "no usable checkpoint" in result.stderr
+    assert (dump_dir / "metrics.jsonl").read_text() == before
+
+
+# 2. Preemption ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_and_exits_cleanly(corpus, tmp_path, signum):
+    dump_dir = tmp_path / "run"
+    process = start_cli(run_args(corpus, dump_dir, "steps=100000", "checkpoint.dump.every=100000", "data.load_async=true"))
+    wait_until(lambda: len(logged(dump_dir)) >= 3, process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f"received {signal.Signals(signum).name}" in stderr
+    saved = step_dirs(dump_dir / "checkpoints")
+    assert len(saved) == 1 and int(saved[0].name) == max(logged(dump_dir))
+
+
+# 3. Bad input -------------------------------------------------------------------------------
+
+
+def _previous_run(dump_dir: Path) -> dict[str, str]:
+    """A dump_dir as a previous run left it; bad input must not change any of it."""
+    dump_dir.mkdir(parents=True)
+    files = {"config.yaml": "previous: config\n", "metrics.jsonl": '{"step": 1, "loss": 3.0}\n'}
+    for name, text in files.items():
+        (dump_dir / name).write_text(text)
+    return files
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("missing data dir", ["data.root_dir=/nonexistent/data"], "/nonexistent/data"),
+        ("empty data dir", ["data.root_dir={empty}"], "{empty}"),
+        ("missing tokenizer", ["data.tokenizer.name=sp", "data.tokenizer.path=/nonexistent/tok.model"], "/nonexistent/tok.model"),
+        ("wrong tokenizer file", ["data.tokenizer.name=sp", "data.tokenizer.path={not_a_model}"], "{not_a_model}"),
+        ("config typo", ["optim.lrr=1"], "did you mean 'optim.lr'"),
+        ("wrong type", ["steps=many"], "'steps'"),
+        ("seq_len beyond the model", ["data.seq_len=64"], "model.max_seqlen"),
+    ],
+    ids=lambda case: case[0],
+)
+def test_bad_input_fails_before_work_and_keeps_files(corpus, tmp_path, case):
+    _, overrides, expected = case
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not_a_model").write_text("this is not a sentencepiece model")
+    paths = {"empty": tmp_path / "empty", "not_a_model": tmp_path / "not_a_model"}
+    overrides = [o.format(**paths) for o in overrides]
+    dump_dir = tmp_path / "run"
+    files = _previous_run(dump_dir)
+    result = train_cli(run_args(corpus, dump_dir, *overrides))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected.format(**paths) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {p.name: p.read_text() for p in dump_dir.iterdir()} == files
+
+
+def test_malformed_jsonl_names_file_and_line_or_is_skipped(tmp_path):
+    root = tmp_path / "data"
+    write_corpus(root, "stories", n_train=100, n_val=10, n_chunks=1, seed=0)
+    chunk = next((root / "stories").glob("*.chunk.*.jsonl"))
+    lines = chunk.read_text().splitlines()
+    lines.insert(6, '{"text": broken')
+    chunk.write_text("\n".join(lines) + "\n")
+    failed = train_cli(run_args(root, tmp_path / "fail", "steps=200"))
+    assert failed.returncode == 2 and f"line 7 of '{chunk}'" in failed.stderr
+    skipped = train_cli(run_args(root, tmp_path / "skip", "steps=200", "data.bad_lines=skip"))
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+
+
+def test_checkpoint_of_another_model_shape_is_refused(corpus, tmp_path):
+    dump_dir = tmp_path / "run"
+    assert train_cli(run_args(corpus, dump_dir, "steps=5")).returncode == 0
+    result = train_cli(run_args(corpus, dump_dir, "steps=10", "model.dim=64"))
+    assert result.returncode == 2
+    assert "does not fit this model" in result.stderr and "0000000005" in result.stderr
+    assert [p.name for p in step_dirs(dump_dir / "checkpoints")] == ["0000000005"]
+
+
+# 4. Numerical faults ------------------------------------------------------------------------
+
+
+def _nan_at_step_script(tmp_path: Path, args: list[str], bad_step: int) -> Path:
+    script = tmp_path / "nan_run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from apps.main.transformer import LMTransformer\n"
+        "from apps.main.train import MODEL_SPEC, MainTrainArgs\n"
+        "from lingua.args import cli_main\n"
+        "from lingua.trainer import train\n"
+        "forward, calls = LMTransformer.forward, [0]\n"
+        "def poisoned(self, tokens, target=None, **kw):\n"
+        "    out = forward(self, tokens, target, **kw)\n"
+        "    calls[0] += 1\n"
+        f"    return out * float('nan') if calls[0] == {bad_step} and target is not None else out\n"
+        "LMTransformer.forward = poisoned\n"
+        "if __name__ == '__main__':  # the data producer process imports this file too\n"
+        f"    cli_main(MainTrainArgs, lambda cfg: train(cfg, MODEL_SPEC), {args!r})\n"
+    )
+    return script
+
+
+def test_nonfinite_loss_stops_naming_the_step(corpus, tmp_path):
+    dump_dir = tmp_path / "run"
+    script = _nan_at_step_script(tmp_path, run_args(corpus, dump_dir, "logging.freq=4"), bad_step=13)
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "non-finite loss or gradient norm at step 13" in result.stderr
+    assert [p.name for p in step_dirs(dump_dir / "checkpoints")] == ["0000000005", "0000000010"]
+
+
+def test_nonfinite_loss_skip_mode_drops_only_that_update(corpus, tmp_path):
+    dump_dir = tmp_path / "run"
+    script = _nan_at_step_script(tmp_path, run_args(corpus, dump_dir, "on_nonfinite=skip", "steps=20"), bad_step=13)
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 13: non-finite loss or gradient norm, update skipped" in result.stderr
+    losses = logged(dump_dir)
+    assert 13 not in losses and max(losses) == 20
+    assert all(v == v for v in losses.values())  # no NaN logged afterwards: the weights stayed finite
+
+
+# 5. Data producer ---------------------------------------------------------------------------
+
+
+def test_dead_data_producer_raises_in_the_trainer(corpus, tmp_path):
+    dump_dir = tmp_path / "run"
+    process = start_cli(run_args(corpus, dump_dir, "steps=100000", "checkpoint.dump.every=100000", "data.load_async=true"))
+    wait_until(lambda: len(logged(dump_dir)) >= 3, process)
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    producers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert producers, "no data producer process found"
+    os.kill(int(producers[0]), signal.SIGKILL)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode not in (0, None)
+    assert "producer" in stderr.lower()
+
+
+# 6. Disk faults -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_failed_checkpoint_write_keeps_the_previous_one(corpus, tmp_path, monkeypatch, code):
+    """A full or read-only disk during the second save: a clear error naming the folder and the
+    cause, the partial write removed, the first checkpoint intact and resumable."""
+    import lingua.checkpoint as checkpoint
+    from apps.main.train import MODEL_SPEC, MainTrainArgs
+    from lingua.args import parse_args
+    from lingua.trainer import train
+
+    cfg = parse_args(MainTrainArgs, run_args(corpus, tmp_path / "run", "steps=10", "data.load_async=false"))
+    original, calls = checkpoint._write_json, [0]
+
+    def failing_write(path, data):
+        calls[0] += 1
+        if calls[0] > 3:  # the first checkpoint writes three JSON files (train state, params, manifest)
+            raise OSError(code, os.strerror(code), str(path))
+        original(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_json", failing_write)
+    with pytest.raises(CheckpointError, match=rf"0000000010: {os.strerror(code)}.*previous checkpoint .*0000000005 is kept"):
+        train(cfg, MODEL_SPEC)
+    monkeypatch.setattr(checkpoint, "_write_json", original)
+    assert [p.name for p in step_dirs(tmp_path / "run" / "checkpoints")] == ["0000000005"]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".partial-*"))
+    assert train(cfg, MODEL_SPEC).step == 10
+    assert issubclass(CorruptCheckpointError, ValueError)
