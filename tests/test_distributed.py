@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from lingua.checkpoint import consolidate
 from lingua.metrics import read_metrics
 from lingua.synthetic import write_corpus
 
@@ -127,6 +129,8 @@ def test_two_rank_resume_is_exact(data, tmp_path):
 def test_checkpoint_reloads_on_other_world_size(data, tmp_path):
     """A 2-rank FSDP checkpoint resumes model and optimizer in one process (the data stream restarts)."""
     run(2, config_args(data[2], tmp_path / "run", "distributed.fsdp_type=full_shard", "distributed.dp_shard=2", "steps=4"))
+    consolidated = torch.load(consolidate(tmp_path / "run" / "checkpoints" / "0000000004"), weights_only=True)["model"]
+    assert consolidated["layers.0.attention.wq.weight"].shape == (32, 32)  # whole, not a shard
     result = run(1, config_args(data[1], tmp_path / "run", f"steps={STEPS}"))
     assert "data stream restarts" in result.stderr
     assert sorted(losses(tmp_path / "run")) == list(range(1, STEPS + 1))
