@@ -1,0 +1,110 @@
+"""Evaluate an apps/mosaics checkpoint: validation loss and loss by token position.
+
+    python -m apps.mosaics.eval ckpt=runs/mosaics_debug            # writes <ckpt>/eval/ (or out_dir=...)
+
+Loss by position is the in-context learning curve: the mean loss of the prediction made at each
+position of the packed validation windows. Writes eval.json and loss_by_position.png (matplotlib Agg).
+lm-eval tasks go through the shared adapter, which needs `apps.mosaics.generate.load_model_and_tokenizer`
+and `MosaicsLM.logits(tokens)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from apps.mosaics.generate import load_model_and_tokenizer
+from lingua.args import ConfigError, cli_main
+from lingua.data import iter_validation_batches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalArgs:
+    ckpt: str = "???"  # run dump_dir, checkpoint folder, or consolidated folder/file
+    out_dir: str = ""  # where eval.json and the plot go; empty: <ckpt>/eval
+    sources: list[str] | None = None  # validation sources; None: those of the training config
+    root_dir: str | None = None  # data folder; None: the training config's data.root_dir
+    seq_len: int | None = None  # window length; None: the training config's (longer shows more of the curve)
+    batch_size: int = 8  # windows per batch
+    max_batches: int = 50  # batches per source (<= 0: every window of the val files)
+    dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype (bf16: autocast)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"seq_len={self.seq_len} must be >= 2")
+
+
+def loss_by_position(model: torch.nn.Module, batches, device: torch.device, dtype: torch.dtype) -> tuple[np.ndarray, int]:
+    """(mean loss at each position (T,), windows seen) over batches [B, T, 2] of (input, target)."""
+    total, windows = None, 0
+    with torch.no_grad():
+        for batch in batches:
+            tokens = torch.from_numpy(batch).to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                losses = model.token_losses(tokens[..., 0], tokens[..., 1]).float()
+            total = losses.sum(dim=0) if total is None else total + losses.sum(dim=0)
+            windows += losses.shape[0]
+    if total is None:
+        raise ConfigError("no validation windows: check the val files (*.val.jsonl) of the sources and seq_len")
+    return (total / windows).cpu().numpy(), windows
+
+
+def plot_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        width = max(1, len(curve) // 32)  # moving average: single positions are noisy
+        smooth = np.convolve(curve, np.ones(width) / width, mode="valid")
+        line = axes.plot(np.arange(len(curve)), curve, alpha=0.3)[0]
+        axes.plot(np.arange(len(smooth)) + (width - 1) / 2, smooth, color=line.get_color(), label=f"{name} (mean of {width})")
+    axes.set_xlabel("token position in the window")
+    axes.set_ylabel("validation loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(args: EvalArgs) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, _, cfg = load_model_and_tokenizer(args.ckpt, args.device)
+    device = next(model.parameters()).device
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    data = replace(cfg.data, root_dir=args.root_dir or cfg.data.root_dir, seq_len=args.seq_len or cfg.data.seq_len)
+    sources = args.sources if args.sources is not None else sorted(cfg.data.sources)
+    max_batches = args.max_batches if args.max_batches > 0 else None
+    curves, result = {}, {"ckpt": args.ckpt, "seq_len": data.seq_len, "sources": {}}
+    for source in sources:
+        batches = iter_validation_batches(data, source, args.batch_size, max_batches)
+        curve, windows = loss_by_position(model, batches, device, dtype)
+        curves[source] = curve
+        result["sources"][source] = {"loss": float(curve.mean()), "windows": windows, "loss_by_position": curve.tolist()}
+        logger.info("%s: val loss %.4f over %d windows (first position %.3f, last %.3f)", source, curve.mean(), windows, curve[0], curve[-1])
+    result["val_loss"] = float(np.mean([s["loss"] for s in result["sources"].values()]))
+    out = Path(args.out_dir) if args.out_dir else Path(args.ckpt) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    plot_curves(curves, out / "loss_by_position.png", f"loss by position: {Path(args.ckpt).name}")
+    logger.info("wrote %s and %s", out / "eval.json", out / "loss_by_position.png")
+    return result
+
+
+if __name__ == "__main__":
+    cli_main(EvalArgs, main)

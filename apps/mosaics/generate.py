@@ -1,0 +1,131 @@
+"""Text generation from an apps/mosaics checkpoint with the recurrent state (no prefix recomputation).
+
+    python -m apps.mosaics.generate ckpt=runs/mosaics_debug prompt="Once upon a time" generator.max_gen_len=64
+
+Each block keeps an O(1) leaky-average state and a key/value cache whose values join one step late
+(value j needs token j + v_shift); each new token costs one step of every block. Prompts are
+decoded one row at a time (rows of different lengths would need per-row leaky states anyway).
+`load_model_and_tokenizer` is also what evaluation adapters use (`model.logits(tokens)`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from apps.main.generate import GeneratorArgs, sample_next
+from apps.mosaics.train import MosaicsTrainArgs, build_model
+from lingua.args import cli_main, config_from_dict
+from lingua.checkpoint import CONSOLIDATED_DIR, PARAMS_FILE, load_model_weights, step_dirs
+from lingua.mosaics.model import MosaicsLM
+from lingua.tokenizer import Tokenizer, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(ckpt: str) -> tuple[Path, Path]:
+    """(weights: a checkpoint folder or .pth file, params.json) for a dump_dir, checkpoints root,
+    checkpoint folder, consolidated folder or consolidated file."""
+    path = Path(ckpt)
+    if path.is_file():
+        return path, path.parent / PARAMS_FILE
+    for candidate in (path, path / "checkpoints"):
+        folders = step_dirs(candidate)
+        if folders:
+            path = folders[-1]
+            break
+    for params in (path / PARAMS_FILE, path / CONSOLIDATED_DIR / PARAMS_FILE):
+        if params.is_file():
+            return path, params
+    raise FileNotFoundError(f"ckpt='{ckpt}' holds no checkpoint (no {PARAMS_FILE} found); pass a run's dump_dir or a checkpoint folder")
+
+
+def load_model_and_tokenizer(ckpt: str, device: str = "auto") -> tuple[MosaicsLM, Tokenizer, MosaicsTrainArgs]:
+    """The trained model (eval mode, on `device`), its tokenizer and its training config."""
+    weights, params = resolve_checkpoint(ckpt)
+    cfg = config_from_dict(MosaicsTrainArgs, json.loads(params.read_text()), source=str(params))
+    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
+    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    with torch.device("meta"):
+        model = build_model(cfg.model, tokenizer)
+    model = model.to_empty(device=target)
+    model.init_weights()
+    load_model_weights(weights, model)
+    return model.eval(), tokenizer, cfg
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: MosaicsLM, prompt: list[int], args: GeneratorArgs, generator: torch.Generator | None = None,
+    stop_id: int | None = None,
+) -> tuple[list[int], torch.Tensor]:
+    """(new tokens, their logits (n, V)) after `prompt` (>= 1 token), one recurrent step per token."""
+    if not prompt:
+        raise ValueError("generation needs a prompt of at least one token (e.g. BOS)")
+    device = next(model.parameters()).device
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    state = model.initial_state(1, device, dtype)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for token in prompt:
+            logits, state = model.step(torch.tensor([token], device=device), state)
+        tokens: list[int] = []
+        all_logits = []
+        for _ in range(args.max_gen_len):
+            all_logits.append(logits[0].float())
+            next_token = int(sample_next(logits, args, generator)[0])
+            if next_token == stop_id:
+                break
+            tokens.append(next_token)
+            if len(tokens) == args.max_gen_len:
+                break
+            logits, state = model.step(torch.tensor([next_token], device=device), state)
+    return tokens, torch.stack(all_logits)
+
+
+class MosaicsGenerator:
+    """Prompts -> continuations for a MosaicsLM and its tokenizer."""
+
+    def __init__(self, model: MosaicsLM, tokenizer: Tokenizer, args: GeneratorArgs) -> None:
+        self.model, self.tokenizer, self.args = model.eval(), tokenizer, args
+        self.device = next(model.parameters()).device
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        generator = torch.Generator(device=self.device).manual_seed(self.args.seed)
+        outputs = []
+        for prompt in prompts:
+            prompt_tokens = self.tokenizer.encode(prompt, add_bos=True)
+            tokens, _ = generate_tokens(self.model, prompt_tokens, self.args, generator, self.tokenizer.eos_id)
+            text = self.tokenizer.decode(tokens)
+            for stop in self.args.until:
+                if stop in text:
+                    text = text[: text.index(stop)]
+            outputs.append(text)
+        return outputs
+
+
+@dataclass
+class GenerateArgs:
+    ckpt: str = "???"  # run dump_dir, checkpoint folder, or consolidated folder/file
+    prompt: str | None = None  # one prompt
+    prompts: list[str] = field(default_factory=list)  # or several
+    generator: GeneratorArgs = field(default_factory=GeneratorArgs)
+
+
+def main(args: GenerateArgs) -> list[str]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prompts = ([args.prompt] if args.prompt is not None else []) + list(args.prompts)
+    if not prompts:
+        raise SystemExit('give a prompt: prompt="Once upon a time" (or prompts=[...])')
+    model, tokenizer, _ = load_model_and_tokenizer(args.ckpt, args.generator.device)
+    outputs = MosaicsGenerator(model, tokenizer, args.generator).generate(prompts)
+    for prompt, output in zip(prompts, outputs):
+        print(f"{prompt}{output}\n{'-' * 40}")
+    return outputs
+
+
+if __name__ == "__main__":
+    cli_main(GenerateArgs, main)
