@@ -157,6 +157,7 @@ def test_debug_training_eval_and_generation(tmp_path, monkeypatch):
     from apps.mosaics.generate import GenerateArgs
     from apps.mosaics.generate import main as generate_main
     from apps.mosaics.train import MODEL_SPEC
+    from lingua.eval_harness import HarnessArgs
     from lingua.trainer import train
 
     monkeypatch.chdir(REPO)
@@ -170,9 +171,15 @@ def test_debug_training_eval_and_generation(tmp_path, monkeypatch):
     result = train(cfg, MODEL_SPEC)
     assert result.losses[12] < result.losses[4]
     out = tmp_path / "eval"
-    report = mosaics_eval.main(mosaics_eval.EvalArgs(ckpt=str(tmp_path / "run"), out_dir=str(out), max_batches=2, batch_size=4))
-    curve = json.loads((out / "eval.json").read_text())["sources"]["stories"]["loss_by_position"]
+    harness = HarnessArgs(tasks=["synthetic_mc", "synthetic_qa"], limit=4, max_gen_toks=4, bootstrap_iters=0)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    report = mosaics_eval.main(
+        mosaics_eval.EvalArgs(ckpt=str(tmp_path / "run"), out_dir=str(out), max_batches=2, batch_size=4, harness=harness, max_length=64)
+    )
+    saved = json.loads((out / "eval.json").read_text())
+    curve = saved["sources"]["stories"]["loss_by_position"]
     assert len(curve) == 64 and report["val_loss"] > 0 and (out / "loss_by_position.png").stat().st_size > 0
+    assert 0 <= saved["harness"]["eval/synthetic_mc/acc_norm"] <= 1 and "eval/synthetic_qa/exact_match/remove_whitespace" in saved["harness"]
     texts = generate_main(GenerateArgs(ckpt=str(tmp_path / "run"), prompt="Once upon a time", generator=GeneratorArgs(max_gen_len=8)))
     assert len(texts) == 1
 

@@ -2,10 +2,12 @@
 
     python -m apps.mosaics.eval ckpt=runs/mosaics_debug            # writes <ckpt>/eval/ (or out_dir=...)
 
+    python -m apps.mosaics.eval ckpt=runs/mosaics_debug 'harness={tasks: [synthetic_mc, synthetic_qa]}'
+
 Loss by position is the in-context learning curve: the mean loss of the prediction made at each
 position of the packed validation windows. Writes eval.json and loss_by_position.png (matplotlib Agg).
-lm-eval tasks go through the shared adapter, which needs `apps.mosaics.generate.load_model_and_tokenizer`
-and `MosaicsLM.logits(tokens)`.
+With a `harness` section, lm-eval tasks run through the shared adapter (lingua.eval_harness) on
+`MosaicsLM.logits`, and their results go into eval.json too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from apps.mosaics.generate import load_model_and_tokenizer
 from lingua.args import ConfigError, cli_main
 from lingua.data import iter_validation_batches
+from lingua.eval_harness import HarnessArgs, LinguaLM, check_tasks_available, greedy_generate, harness_metrics, run_harness
+from lingua.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ class EvalArgs:
     max_batches: int = 50  # batches per source (<= 0: every window of the val files)
     dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype (bf16: autocast)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    harness: HarnessArgs | None = None  # lm-eval tasks to run as well (None: loss curves only)
+    max_length: int = 2048  # longest sequence the harness feeds the model (the model has no length limit)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -82,9 +88,23 @@ def plot_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def _harness_model(model: torch.nn.Module, tokenizer: Tokenizer, args: EvalArgs, device: torch.device, dtype: torch.dtype) -> LinguaLM:
+    """The lm-eval adapter over the model's logits (right-padded batches keep leaky states exact)."""
+
+    @torch.no_grad()
+    def logits(tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return model.logits(tokens)
+
+    generate = greedy_generate(logits, tokenizer, args.max_length, device, seed=args.harness.seed)
+    return LinguaLM(tokenizer, logits, args.max_length, device, generate, args.harness.batch_size, args.harness.max_gen_toks)
+
+
 def main(args: EvalArgs) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, _, cfg = load_model_and_tokenizer(args.ckpt, args.device)
+    if args.harness is not None:
+        check_tasks_available(args.harness)  # before loading anything: hub tasks offline fail at once
+    model, tokenizer, cfg = load_model_and_tokenizer(args.ckpt, args.device)
     device = next(model.parameters()).device
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     data = replace(cfg.data, root_dir=args.root_dir or cfg.data.root_dir, seq_len=args.seq_len or cfg.data.seq_len)
@@ -98,6 +118,9 @@ def main(args: EvalArgs) -> dict:
         result["sources"][source] = {"loss": float(curve.mean()), "windows": windows, "loss_by_position": curve.tolist()}
         logger.info("%s: val loss %.4f over %d windows (first position %.3f, last %.3f)", source, curve.mean(), windows, curve[0], curve[-1])
     result["val_loss"] = float(np.mean([s["loss"] for s in result["sources"].values()]))
+    if args.harness is not None:
+        result["harness"] = harness_metrics(run_harness(_harness_model(model, tokenizer, args, device, dtype), args.harness))
+        logger.info("harness: %s", " ".join(f"{k}={v:.4f}" for k, v in result["harness"].items()))
     out = Path(args.out_dir) if args.out_dir else Path(args.ckpt) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
