@@ -136,27 +136,6 @@ def test_checkpoint_reloads_on_other_world_size(data, tmp_path):
     assert sorted(losses(tmp_path / "run")) == list(range(1, STEPS + 1))
 
 
-def test_dead_rank_ends_job_within_timeout(tmp_path):
-    """Rank 1 never joins a collective: rank 0 fails after distributed.timeout_s instead of hanging."""
-    script = tmp_path / "hang.py"
-    script.write_text(
-        "import os, time, torch, torch.distributed as dist\n"
-        "from lingua.distributed import DistributedArgs, init_distributed\n"
-        "env = init_distributed(DistributedArgs(timeout_s=5))\n"
-        "if env.rank == 1:\n"
-        "    time.sleep(120)\n"
-        "dist.all_reduce(torch.ones(1))\n"
-    )
-    start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
-        cwd=REPO, capture_output=True, text=True, timeout=100,
-    )
-    elapsed = time.monotonic() - start
-    assert result.returncode != 0
-    assert elapsed < 60, f"took {elapsed:.0f} s"
-
-
 def test_killed_rank_fails_the_job(data, tmp_path):
     """SIGKILL of one training rank mid-run: the job exits non-zero promptly, every rank ends."""
     args = config_args(data[2], tmp_path / "run", "distributed.fsdp_type=full_shard", "distributed.dp_shard=2", "steps=100000", "distributed.timeout_s=20")

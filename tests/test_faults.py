@@ -4,8 +4,8 @@ and nothing fails silently. One section per fault class:
 1. crashes (SIGKILL anywhere, corrupt or truncated checkpoints)    2. preemption signals
 3. bad input (each a one-line error, exit code 2, nothing written)  4. numerical faults
 5. distributed and data-producer faults                             6. disk faults
-(Hung collectives and dead ranks under torchrun: tests/test_distributed.py; requeue under
-SLURM: tests/test_slurm.py.)
+(A rank killed mid-training under torchrun: tests/test_distributed.py; requeue under SLURM:
+tests/test_slurm.py.)
 """
 
 import errno
@@ -251,7 +251,7 @@ def test_nonfinite_loss_skip_mode_drops_only_that_update(corpus, tmp_path):
     assert all(v == v for v in losses.values())  # no NaN logged afterwards: the weights stayed finite
 
 
-# 5. Data producer ---------------------------------------------------------------------------
+# 5. Distributed and data-producer faults -------------------------------------------------------------
 
 
 def test_dead_data_producer_raises_in_the_trainer(corpus, tmp_path):
@@ -269,6 +269,28 @@ def test_dead_data_producer_raises_in_the_trainer(corpus, tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode not in (0, None)
     assert "producer" in stderr.lower()
+
+
+def test_hung_collective_ends_the_job_within_timeout(tmp_path):
+    """Rank 1 never joins a collective: rank 0 fails after distributed.timeout_s instead of hanging,
+    and torchrun ends the job non-zero. (A rank killed mid-training: tests/test_distributed.py.)"""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import time, torch, torch.distributed as dist\n"
+        "from lingua.distributed import DistributedArgs, init_distributed\n"
+        "env = init_distributed(DistributedArgs(timeout_s=5))\n"
+        "if env.rank == 1:\n"
+        "    time.sleep(120)\n"
+        "dist.all_reduce(torch.ones(1))\n"
+    )
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        cwd=REPO, capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "timed out" in result.stderr.lower() or "timeout" in result.stderr.lower()
 
 
 # 6. Disk faults -----------------------------------------------------------------------------
