@@ -241,6 +241,11 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh | None, a
         param_dtype = torch.bfloat16 if args.model_dtype == "bf16" else torch.float32
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         ignored = plan.ignored_params(model) if plan.ignored_params else None
+        if ignored:
+            raise ConfigError(
+                "this model has parameters kept out of FSDP (product-key memory values), whose row-sparse "
+                "gradients are not yet synchronized across data-parallel ranks: train it in one process"
+            )
         for block in plan.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
         fully_shard(model, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)

@@ -3,6 +3,8 @@
 The training loop calls `build_optimizer(model, args, n_steps, param_groups)` once and
 `clip_grad_norm(params, args.clip)` once per optimizer step; apps pass extra `ParamGroupSpec`s
 (memory values with their own fixed lr) and everything else falls into the default groups.
+One optimizer (`AdamW`) serves dense groups (torch's fused / foreach AdamW) and row-sparse groups
+(product-key values, whose gradients are sparse COO over rows: lazy or exact dense AdamW).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.optim.adam import adam as functional_adam
 from torch.optim.lr_scheduler import LambdaLR
 
 from lingua.args import ConfigError
 
 SchedulerName = Literal["constant", "linear", "inv_sqrt", "cosine", "wsd"]
+RowUpdate = Literal["lazy", "dense"]  # update rule of a row-sparse group (see AdamW)
 
 
 @dataclass
@@ -69,6 +73,7 @@ class ParamGroupSpec:
     lr: float | None = None  # None: OptimArgs.lr
     weight_decay: float | None = None  # None: OptimArgs.weight_decay, applied to every param of the group
     follow_schedule: bool | None = None  # None: True when lr is None, False for a fixed lr
+    row_update: RowUpdate | None = None  # None: dense params; set for params with row-sparse grads
 
     @property
     def follows_schedule(self) -> bool:
@@ -169,12 +174,130 @@ def _check_specs(model: nn.Module, specs: list[ParamGroupSpec]) -> set[int]:
     return set(owner)
 
 
+class AdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam over dense and row-sparse parameter groups.
+
+    Dense groups (group["row_update"] is None) run torch's functional AdamW, fused when the optimizer
+    is built fused (all params on CUDA), foreach otherwise. Row-sparse groups hold 2-D+ params whose
+    gradient may be a sparse COO tensor over rows (dim 0); a dense gradient counts as every row:
+      - "lazy": only the rows present this step are updated (moments, decay, parameter), each with
+        its own step count for bias correction (SparseAdam-like; `row_step` state [R]);
+      - "dense": exact AdamW on the implied dense gradient (absent rows have gradient 0: their
+        moments decay and they keep moving), without ever building the dense gradient.
+    State is created for every parameter at construction (exp_avg, exp_avg_sq, step), so
+    torch.distributed.checkpoint sees a complete state before the first step.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, weight_decay: float, fused: bool) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, row_update=None, fused=fused)
+        super().__init__(groups, defaults)
+        for group in self.param_groups:
+            if group["row_update"] not in (None, "lazy", "dense"):
+                raise ValueError(f"param group '{group.get('name')}': row_update={group['row_update']!r} must be lazy or dense")
+            for param in group["params"]:
+                self._init_state(param, group)
+
+    def _init_state(self, param: Tensor, group: dict) -> None:
+        state = self.state[param]
+        if state:
+            return
+        on_device = group["fused"] and group["row_update"] is None
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if group["row_update"] == "lazy":
+            state["row_step"] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["row_update"] is None:
+                self._dense_step(group)
+            else:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        self._row_step(param, group)
+        return loss
+
+    def _dense_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if any(p.grad.is_sparse for p in params):
+            raise ValueError(
+                f"param group '{group.get('name')}' got a sparse gradient: put row-sparse params in a group with row_update"
+            )
+        for param in params:
+            self._init_state(param, group)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        functional_adam(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=not group["fused"],
+            fused=group["fused"],
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    def _row_step(self, param: Tensor, group: dict) -> None:
+        self._init_state(param, group)
+        state = self.state[param]
+        grad = param.grad
+        if grad.is_sparse:
+            if grad.sparse_dim() != 1:
+                raise ValueError(f"param group '{group.get('name')}': sparse gradients must be sparse over rows only (sparse_dim 1)")
+            grad = grad.coalesce()
+            rows, grad_rows = grad.indices()[0], grad.values()
+        else:
+            rows, grad_rows = torch.arange(param.shape[0], device=param.device), grad
+        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        if group["row_update"] == "dense":
+            step = float(state["step"])
+            param.mul_(1 - lr * weight_decay)
+            exp_avg.mul_(beta1).index_add_(0, rows, grad_rows, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).index_add_(0, rows, grad_rows * grad_rows, alpha=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+            return
+        # lazy: rows present this step only, each with its own bias correction.
+        row_step = state["row_step"].index_select(0, rows) + 1
+        state["row_step"].index_copy_(0, rows, row_step)
+        shape = (-1,) + (1,) * (param.dim() - 1)
+        bias1 = (1 - beta1**row_step).view(shape)
+        bias2_sqrt = (1 - beta2**row_step).sqrt().view(shape)
+        m = exp_avg.index_select(0, rows).mul_(beta1).add_(grad_rows, alpha=1 - beta1)
+        v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
+        exp_avg.index_copy_(0, rows, m)
+        exp_avg_sq.index_copy_(0, rows, v)
+        p_rows = param.index_select(0, rows).mul_(1 - lr * weight_decay)
+        p_rows.addcdiv_(m / bias1, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr)
+        param.index_copy_(0, rows, p_rows.to(param.dtype))
+
+
 def build_optimizer(
     model: nn.Module, args: OptimArgs, n_steps: int, param_groups: list[ParamGroupSpec] | None = None
-) -> tuple[torch.optim.AdamW, LambdaLR]:
+) -> tuple[AdamW, LambdaLR]:
     """AdamW (fused when every parameter is on CUDA, foreach otherwise) over the default groups
     ("decay", "no_decay") plus `param_groups`, and a LambdaLR scheduler to step once per optimizer step.
-    Each torch param group carries its spec's "name"."""
+    Each torch param group carries its spec's "name" and "row_update" (None for dense groups)."""
     if n_steps <= 0:
         raise ValueError(f"n_steps={n_steps} must be positive")
     specs = list(param_groups or [])
@@ -186,19 +309,12 @@ def build_optimizer(
             "params": [p for p in spec.params if p.requires_grad],
             "lr": args.lr if spec.lr is None else spec.lr,
             "weight_decay": args.weight_decay if spec.weight_decay is None else spec.weight_decay,
+            "row_update": spec.row_update,
         }
         for spec in all_specs
     ]
     fused = all(p.device.type == "cuda" for group in groups for p in group["params"])
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=args.lr,
-        betas=(args.beta1, args.beta2),
-        eps=args.epsilon,
-        weight_decay=args.weight_decay,
-        fused=fused,
-        foreach=not fused,
-    )
+    optimizer = AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.epsilon, weight_decay=args.weight_decay, fused=fused)
 
     def schedule(step: int) -> float:
         return lr_multiplier(step, args, n_steps)
@@ -216,22 +332,36 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float, norm_type: float =
 
     Returns the norm before clipping as a tensor (no host sync). Sharded (DTensor) gradients are
     reduced per device mesh with `full_tensor()`, so params on different meshes (memory values on
-    their own mesh) combine into one true global norm. Call once per optimizer step.
+    their own mesh) combine into one true global norm. Row-sparse (COO) gradients are coalesced
+    in place first (duplicate rows summed), then count and scale exactly like their dense
+    equivalent. Call once per optimizer step.
     """
     params_by_mesh: dict[object, list[Tensor]] = {}
+    sparse: list[Tensor] = []
     for param in params:
-        if param.grad is not None:
-            mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
-            params_by_mesh.setdefault(mesh, []).append(param)
-    if not params_by_mesh:
+        if param.grad is None:
+            continue
+        if param.grad.is_sparse:
+            if not param.grad.is_coalesced():
+                param.grad = param.grad.coalesce()
+            sparse.append(param)
+            continue
+        mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+        params_by_mesh.setdefault(mesh, []).append(param)
+    if not params_by_mesh and not sparse:
         return torch.zeros(())
     norms = []
     for group in params_by_mesh.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    norms.extend(torch.linalg.vector_norm(p.grad._values(), norm_type) for p in sparse)
     device = norms[0].device
     total_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
     if max_norm > 0:
         for group in params_by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm)
+        if sparse:
+            coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+            for param in sparse:
+                param.grad._values().mul_(coef.to(param.grad.device, param.grad.dtype))
     return total_norm

@@ -191,3 +191,18 @@ def test_parallelize_options_keep_the_losses(corpus, tmp_path, option):
     varied = train(tiny_config(corpus, tmp_path / "varied", steps=4, **{option: True}), MODEL_SPEC)
     for step, loss in baseline.losses.items():
         assert varied.losses[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
+
+
+def test_evaluation_during_training(corpus, tmp_path, monkeypatch):
+    """An eval section runs the harness and validation on each eval checkpoint and logs the results."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(REPO)
+    overrides = {
+        "steps": 6,
+        "checkpoint.eval.every": 3,
+        "eval": {"harness": {"tasks": ["synthetic_mc"], "limit": 4, "bootstrap_iters": 0}, "validation": {"max_batches": 1}},
+    }
+    train(tiny_config(corpus, tmp_path / "run", **overrides), MODEL_SPEC)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/synthetic_mc/acc" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert (tmp_path / "run" / "eval" / "0000000003" / "results.json").is_file()

@@ -1,18 +1,24 @@
 """Train the Llama-style LM of apps/main: `python -m apps.main.train config=... a.b=c`.
 
-This file only tells the shared loop (`lingua.trainer`) how to build the model; everything else
-is the loop's.
+This file only tells the shared loop (`lingua.trainer`) how to build the model, its parameter
+groups (product-key values: own lr, row-sparse updates), its FLOPs and its extra metrics (memory
+usage); everything else is the loop's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, cli_main
+from lingua.optim import OptimArgs, ParamGroupSpec
+from lingua.product_key import log_metrics, memory_flops_per_token, memory_param_groups
 from lingua.tokenizer import Tokenizer
 from lingua.trainer import ModelSpec, TrainArgs, train
 from lingua.transformer import flops_per_token
@@ -41,11 +47,38 @@ def build_model(args: LMTransformerArgs, tokenizer: Tokenizer) -> LMTransformer:
 
 
 def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Dense FLOPs plus the memory rows actually read (never the whole value table)."""
     args = model.args
-    return flops_per_token(model.dense_param_count(), args.n_layers, args.n_heads * args.resolved_head_dim, seq_len)
+    dense = flops_per_token(model.dense_param_count(), args.n_layers, args.n_heads * args.resolved_head_dim, seq_len)
+    return dense + memory_flops_per_token(model)
 
 
-MODEL_SPEC = ModelSpec(build=build_model, flops_per_token=model_flops_per_token)
+def param_groups(model: nn.Module, args: OptimArgs) -> list[ParamGroupSpec]:
+    """Memory value tables get their own group (value lr, decay and row-sparse update rule)."""
+    return memory_param_groups(model)
+
+
+def evaluate_during_training(cfg: MainTrainArgs, folder: Path, step: int) -> dict[str, float]:
+    """The `eval` section run on a checkpoint the loop just saved: in this process, or, inside a
+    SLURM job, as its own job (which appends its results to <dump_dir>/metrics.eval.jsonl)."""
+    from apps.main.eval import evaluate_checkpoint, submit_evaluation  # eval imports this module
+
+    assert cfg.eval is not None
+    args = dataclasses.replace(cfg.eval, dump_dir=cfg.dump_dir)
+    if "SLURM_JOB_ID" in os.environ:
+        gpus = {"gpus_per_node": 1} if torch.cuda.is_available() else {}
+        submit_evaluation(folder, args, step, folder=Path(cfg.dump_dir) / "eval" / "slurm", timeout_min=60, tasks_per_node=1, **gpus)
+        return {}
+    return evaluate_checkpoint(folder, args, step)
+
+
+MODEL_SPEC = ModelSpec(
+    build=build_model,
+    flops_per_token=model_flops_per_token,
+    param_groups=param_groups,
+    log_metrics=log_metrics,
+    evaluate=evaluate_during_training,
+)
 
 
 def main(cfg: MainTrainArgs) -> None:

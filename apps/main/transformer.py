@@ -2,18 +2,24 @@
 
 `LMTransformer.forward` returns fp32 cross-entropy when given targets, logits otherwise. The trainer
 sets `vocab_size` from the tokenizer, builds the model on the meta device, materializes it and calls
-`init_weights()`; memory layers enter through `ffn_for_layer`.
+`init_weights()`; memory layers enter through `ffn_for_layer`. With `productkey_args.is_enabled`
+the model builds its product-key memory layers itself and owns their shared value table
+(`memory_values`, registered once: state dicts, optimizers and FSDP see it once).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lingua.args import ConfigError
+from lingua.distributed import ParallelPlan
+from lingua.product_key import MemoryValues, ProductKeyArgs, build_memory_layers, value_param_count, value_tables
 from lingua.transformer import BaseTransformer, BaseTransformerArgs, KVCache, RMSNorm, document_ids, trunc_normal_
 
 IGNORE_INDEX = -100  # target value that contributes no loss (torch's cross-entropy default)
@@ -24,9 +30,11 @@ class LMTransformerArgs(BaseTransformerArgs):
     seed: int = 42  # seed the trainer sets before init_weights()
     vocab_size: int = -1  # -1: set from the tokenizer by the trainer
     weight_tying: bool = False  # the output head reuses the token embedding matrix
+    productkey_args: ProductKeyArgs = field(default_factory=ProductKeyArgs)  # memory layers replacing FFNs
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.productkey_args.check_layers(self.n_layers)
         if self.vocab_size != -1 and self.vocab_size <= 0:
             raise ConfigError(f"vocab_size={self.vocab_size} must be positive, or -1 to take it from the tokenizer")
 
@@ -49,8 +57,14 @@ class LMTransformer(BaseTransformer):
         document_delimiters: tuple[int | None, int | None] = (None, None),
     ) -> None:
         """document_delimiters: the (BOS, EOS) ids that separate packed documents; with
-        `doc_mask` the model finds document boundaries from them when no doc_ids are passed."""
+        `doc_mask` the model finds document boundaries from them when no doc_ids are passed.
+        ffn_for_layer: replaces FFNs (None: the product-key memory layers of args.productkey_args)."""
+        shared_values: MemoryValues | None = None
+        if ffn_for_layer is None and args.productkey_args.is_enabled:
+            memory, shared_values = build_memory_layers(args.productkey_args, args.dim)
+            ffn_for_layer = memory.get
         super().__init__(args, ffn_for_layer)
+        self.memory_values = shared_values  # the one shared value table, or None
         if args.doc_mask and document_delimiters == (None, None):
             raise ConfigError("model.doc_mask=true needs the tokenizer's BOS/EOS ids to find documents")
         self.document_delimiters = document_delimiters
@@ -62,6 +76,14 @@ class LMTransformer(BaseTransformer):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.weight_tying else nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def parallel_plan(self) -> ParallelPlan:
+        """The blocks' plan (TP, checkpointing, compile, FSDP per block), with memory value tables
+        kept out of FSDP: they get row-sparse gradients and their own update rule."""
+        plan = super().parallel_plan()
+        if not value_tables(self):
+            return plan
+        return dataclasses.replace(plan, ignored_params=lambda model: {p for t in value_tables(model) for p in t.parameters()})
 
     @property
     def output_weight(self) -> Tensor:
@@ -103,13 +125,16 @@ class LMTransformer(BaseTransformer):
         self.norm.init_weights()
         if self.output is not None:
             trunc_normal_(self.output.weight, std)
+        if self.memory_values is not None:
+            self.memory_values.init_weights()
 
     def dense_param_count(self) -> int:
         """Parameters that do matmul work per token, for MFU: all but embedding lookups
-        (nn.Embedding / nn.EmbeddingBag tables, including memory values stored that way); the
-        output head counts once, also when it is tied to the token embedding."""
+        (nn.Embedding / nn.EmbeddingBag tables) and product-key value tables (their read rows are
+        counted by lingua.product_key.memory_flops_per_token); the output head counts once, also
+        when it is tied to the token embedding."""
         lookup_params = {
             id(p) for m in self.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for p in m.parameters()
         }
-        dense = sum(p.numel() for p in self.parameters() if id(p) not in lookup_params)
+        dense = sum(p.numel() for p in self.parameters() if id(p) not in lookup_params) - value_param_count(self)
         return dense + (self.output_weight.numel() if self.output is None else 0)

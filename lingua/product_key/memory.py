@@ -1,0 +1,351 @@
+"""Product-key memory layers: `ProductKeyArgs` (the `model.productkey_args` config), the value
+table `MemoryValues`, the layer `HashingMemory`, and what the training loop needs from them
+(param groups for the values, FLOPs of the retrieved rows, usage metrics).
+
+A memory layer replaces the FFN of chosen blocks. Per token x: query q = W_q x (+b), per head split
+into halves scored against n_keys sub-keys each; top-knn per half, knn^2 candidate sums, top-knn
+again (= exact top-knn over the n_keys^2 product keys); softmax per head; the heads' (row, weight)
+pairs form one bag over the value table. Memory+: value_proj(bag * silu(W_s x)). Optional gating
+sigmoid(W_g x) * out. PEER: each retrieved row is a single-neuron expert (gelu(<x, u>) * v).
+Sharing: the model owns ONE `MemoryValues` and hands it to every layer (kept as a plain reference,
+not a submodule), so state dicts, optimizers and FSDP see the table once.
+Shapes: N tokens, E model dim, H heads, C key dim, M n_keys, J knn, V value dim, R = M^2 rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lingua.args import ConfigError
+from lingua.optim import ParamGroupSpec, RowUpdate
+from lingua.product_key.embedding_bag import Backend, weighted_embedding_bag
+
+
+@dataclass
+class ProductKeyArgs:
+    is_enabled: bool = False  # replace the FFN of `layers` by product-key memory layers
+    layers: str = ""  # comma-separated block ids whose FFN becomes a memory layer, e.g. "4,12,20"
+    mem_n_keys: int = 1024  # sub-keys per half; the value table has mem_n_keys**2 rows
+    mem_heads: int = 4  # read heads; their bags are summed
+    mem_knn: int = 32  # rows read per head
+    mem_share_values: bool = True  # one value table for all memory layers (else one per layer)
+    mem_k_dim: int = 512  # query / key width (even: each half scores against its own sub-keys)
+    mem_v_dim: int = -1  # value width; -1: model dim
+    swilu_projection: bool = True  # Memory+ output: value_proj(bag * silu(W_s x))
+    value_fixed_lr: float | None = 0.001  # lr of the value table; null: the base optim.lr
+    mem_gated: bool = False  # scale the output by sigmoid(W_g x)
+    peer_variant: bool = False  # PEER: retrieved single-neuron experts (needs mem_v_dim=-1)
+    mem_input_dropout: float = 0.0  # dropout on the layer input
+    mem_query_dropout: float = 0.0  # dropout on the query
+    mem_value_dropout: float = 0.0  # dropout on the layer output
+    mem_query_batchnorm: bool = False  # BatchNorm1d on the query (statistics over the batch's tokens)
+    mem_query_bias: bool = True  # bias of the query projection
+    value_update: RowUpdate = "lazy"  # lazy: Adam updates only rows read this step; dense: every row (paper)
+    value_weight_decay: float = 0.0  # decoupled weight decay of the values
+    value_lr_schedule: bool = True  # the value lr follows warmup/decay, as in the public code; false: constant
+    bag_backend: Backend = "auto"  # weighted bag: auto (Triton on CUDA, torch on CPU) | triton | torch
+
+    def __post_init__(self) -> None:
+        key = "model.productkey_args"
+        positive = ("mem_n_keys", "mem_heads", "mem_knn", "mem_k_dim")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 1")
+        if self.mem_knn > self.mem_n_keys:
+            raise ConfigError(f"{key}.mem_knn={self.mem_knn} exceeds mem_n_keys={self.mem_n_keys}: lower mem_knn")
+        if self.mem_k_dim % 2 != 0:
+            raise ConfigError(f"{key}.mem_k_dim={self.mem_k_dim} must be even (two halves of product keys)")
+        if self.mem_v_dim != -1 and self.mem_v_dim < 1:
+            raise ConfigError(f"{key}.mem_v_dim={self.mem_v_dim} must be positive, or -1 for the model dim")
+        if self.peer_variant and self.mem_v_dim != -1:
+            raise ConfigError(f"{key}.peer_variant=true needs mem_v_dim=-1 (experts output the model dim)")
+        for name in ("mem_input_dropout", "mem_query_dropout", "mem_value_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.value_fixed_lr is not None and self.value_fixed_lr <= 0:
+            raise ConfigError(f"{key}.value_fixed_lr={self.value_fixed_lr} must be positive, or null for optim.lr")
+        if self.value_weight_decay < 0:
+            raise ConfigError(f"{key}.value_weight_decay={self.value_weight_decay} must be >= 0")
+        if self.is_enabled and not self.layer_ids:
+            raise ConfigError(f"{key}.is_enabled=true needs layers, e.g. layers=\"4,12,20\"")
+
+    @property
+    def layer_ids(self) -> list[int]:
+        """The memory layers' block ids, in order."""
+        try:
+            ids = [int(part) for part in self.layers.split(",") if part.strip()]
+        except ValueError:
+            raise ConfigError(f"model.productkey_args.layers={self.layers!r}: give comma-separated integers, e.g. \"4,12,20\"") from None
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"model.productkey_args.layers={self.layers!r} lists a layer twice")
+        return ids
+
+    def check_layers(self, n_layers: int) -> None:
+        """Raise unless every memory layer id is a block of an n_layers model."""
+        if not self.is_enabled:
+            return
+        bad = [i for i in self.layer_ids if not 0 <= i < n_layers]
+        if bad:
+            raise ConfigError(
+                f"model.productkey_args.layers={self.layers!r}: ids {bad} are outside the {n_layers} blocks "
+                f"(valid: 0..{n_layers - 1})"
+            )
+
+    def value_dim(self, dim: int) -> int:
+        return self.mem_v_dim if self.mem_v_dim > 0 else dim
+
+
+class MemoryValues(nn.Module):
+    """The value table `weight` [R, V] (and, for PEER, the experts' input rows `peer_in` [R, E]).
+
+    Its gradients are row-sparse; `optim_group` says how the optimizer must treat it (tagged at
+    construction, so a model loaded from weights keeps its value lr and update rule).
+    """
+
+    def __init__(self, n_rows: int, v_dim: int, args: ProductKeyArgs, peer_in_dim: int | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_rows, v_dim))
+        self.peer_in = nn.Parameter(torch.empty(n_rows, peer_in_dim)) if peer_in_dim else None
+        self.lr = args.value_fixed_lr
+        self.weight_decay = args.value_weight_decay
+        self.update: RowUpdate = args.value_update
+        self.lr_schedule = args.value_lr_schedule
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
+        if self.peer_in is not None:
+            nn.init.normal_(self.peer_in, mean=0.0, std=self.peer_in.shape[1] ** -0.5)
+
+
+def product_key_topk(query_NHC: Tensor, keys_H2MC: Tensor, knn: int) -> tuple[Tensor, Tensor]:
+    """Top-knn of the M^2 product keys per token and head: (scores [N, H, J] descending, rows [N, H, J]).
+
+    query [N, H, C]; keys [H, 2, M, C/2] (two sub-key sets per head). Row i1 * M + i2 scores
+    <q1, k1[i1]> + <q2, k2[i2]>; the best knn pairs always lie among each half's own top-knn, so
+    searching the knn^2 candidate pairs is exact.
+    """
+    half = query_NHC.shape[-1] // 2
+    n_keys = keys_H2MC.shape[2]
+    scores1_NHM = torch.einsum("nhc,hmc->nhm", query_NHC[..., :half], keys_H2MC[:, 0])
+    scores2_NHM = torch.einsum("nhc,hmc->nhm", query_NHC[..., half:], keys_H2MC[:, 1])
+    top1, idx1 = scores1_NHM.topk(knn, dim=-1)
+    top2, idx2 = scores2_NHM.topk(knn, dim=-1)
+    cand_scores_NHJJ = top1.unsqueeze(-1) + top2.unsqueeze(-2)
+    cand_rows_NHJJ = idx1.unsqueeze(-1) * n_keys + idx2.unsqueeze(-2)
+    scores_NHJ, best = cand_scores_NHJJ.flatten(-2).topk(knn, dim=-1)
+    return scores_NHJ, cand_rows_NHJJ.flatten(-2).gather(-1, best)
+
+
+class HashingMemory(nn.Module):
+    """A product-key memory layer mapping [..., E] -> [..., E] (a drop-in FFN replacement).
+
+    values: the shared table (kept as a plain reference; its owner registers and initializes it),
+    or None to own a table of its own (`self.values`).
+    """
+
+    def __init__(self, dim: int, args: ProductKeyArgs, layer_id: int, values: MemoryValues | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.layer_id = layer_id
+        self.heads, self.knn, self.k_dim, self.n_keys = args.mem_heads, args.mem_knn, args.mem_k_dim, args.mem_n_keys
+        self.v_dim = args.value_dim(dim)
+        self.n_rows = args.mem_n_keys**2
+        self.peer = args.peer_variant
+        self.bag_backend: Backend = args.bag_backend
+        self.input_dropout, self.query_dropout, self.value_dropout = (
+            args.mem_input_dropout, args.mem_query_dropout, args.mem_value_dropout
+        )
+        self.keys = nn.Parameter(torch.empty(2 * self.heads * self.n_keys, self.k_dim // 2))
+        self.query_proj = nn.Linear(dim, self.heads * self.k_dim, bias=args.mem_query_bias)
+        self.query_norm = nn.BatchNorm1d(self.heads * self.k_dim) if args.mem_query_batchnorm else None
+        use_swilu = args.swilu_projection and not self.peer
+        self.swilu_projection = nn.Linear(dim, self.v_dim) if use_swilu else None
+        self.value_proj = nn.Linear(self.v_dim, dim) if (use_swilu or args.mem_v_dim > 0) and not self.peer else None
+        self.gating = nn.Linear(dim, 1) if args.mem_gated else None
+        if values is None:
+            self.values: MemoryValues | None = MemoryValues(self.n_rows, self.v_dim, args, dim if self.peer else None)
+            self._shared_values = None
+        else:
+            expected = (self.n_rows, self.v_dim)
+            if tuple(values.weight.shape) != expected or (values.peer_in is not None) != self.peer:
+                raise ValueError(f"layer {layer_id}: the shared table is {tuple(values.weight.shape)}, expected {expected}")
+            self.values = None
+            object.__setattr__(self, "_shared_values", values)  # a reference, not a submodule
+        # Usage counters since the last read (not saved): lookups per row, [forwards, unique rows].
+        self.register_buffer("usage_hits", torch.zeros(self.n_rows), persistent=False)
+        self.register_buffer("usage_counts", torch.zeros(2), persistent=False)
+
+    @property
+    def table(self) -> MemoryValues:
+        return self.values if self.values is not None else self._shared_values  # type: ignore[return-value]
+
+    @property
+    def owns_table(self) -> bool:
+        return self.values is not None
+
+    def init_weights(self) -> None:
+        """Every parameter and buffer of the layer (and of its table when it owns one)."""
+        bound = 1 / math.sqrt(self.k_dim)
+        nn.init.uniform_(self.keys, -bound, bound)
+        nn.init.xavier_uniform_(self.query_proj.weight)
+        for linear in (self.swilu_projection, self.value_proj, self.gating):
+            if linear is not None:
+                nn.init.normal_(linear.weight, mean=0.0, std=self.dim**-0.5)
+        for linear in (self.query_proj, self.swilu_projection, self.value_proj, self.gating):
+            if linear is not None and linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        if self.query_norm is not None:
+            self.query_norm.reset_running_stats()
+            self.query_norm.reset_parameters()
+        if self.values is not None:
+            self.values.init_weights()
+        self.usage_hits.zero_()
+        self.usage_counts.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead_shape = x.shape[:-1]
+        x_NE = F.dropout(x.reshape(-1, self.dim), self.input_dropout, self.training)
+        n_tokens = x_NE.shape[0]
+        query = self.query_proj(x_NE)
+        if self.query_norm is not None:
+            query = self.query_norm(query)
+        query_NHC = F.dropout(query, self.query_dropout, self.training).view(n_tokens, self.heads, self.k_dim)
+        keys_H2MC = self.keys.view(self.heads, 2, self.n_keys, self.k_dim // 2)
+        scores_NHJ, rows_NHJ = product_key_topk(query_NHC, keys_H2MC.to(query_NHC.dtype), self.knn)
+        self._count_usage(rows_NHJ)
+        # Softmax in fp32 at least (bf16 scores under autocast); heads' bags concatenated: L = H * J.
+        weights_NL = F.softmax(scores_NHJ.to(torch.promote_types(scores_NHJ.dtype, torch.float32)), dim=-1).flatten(1)
+        rows_NL = rows_NHJ.flatten(1)
+        table = self.table
+        if self.peer:
+            # Expert j: gelu(<x, u_j>) * softmax score, then its output row v_j.
+            u_NLE = F.embedding(rows_NL, table.peer_in, sparse=True)
+            act_NL = F.gelu(torch.einsum("ne,nle->nl", x_NE.to(u_NLE.dtype), u_NLE)) * weights_NL
+            out = self.read_values(rows_NL, act_NL)
+        else:
+            out = self.read_values(rows_NL, weights_NL)
+            if self.swilu_projection is not None:
+                out = self.value_proj(out * F.silu(self.swilu_projection(x_NE)))
+            elif self.value_proj is not None:
+                out = self.value_proj(out)
+        out = F.dropout(out, self.value_dropout, self.training)
+        if self.gating is not None:
+            out = torch.sigmoid(self.gating(x_NE)) * out
+        return out.view(*lead_shape, self.dim)
+
+    def read_values(self, rows_NL: Tensor, weights_NL: Tensor) -> Tensor:
+        """The weighted bag over this layer's table: [N, L] rows and weights -> [N, V].
+
+        The one place the table is read: memory parallelism (the table sharded by columns over
+        ranks) replaces this method to gather rows and weights over its group, read the local
+        column slice and exchange the outputs.
+        """
+        return weighted_embedding_bag(self.table.weight, rows_NL, weights_NL, self.bag_backend)
+
+    @torch.no_grad()
+    def _count_usage(self, rows_NHJ: Tensor) -> None:
+        """Device-side counters only (no host sync): lookups per row and unique rows per forward."""
+        hits = torch.zeros_like(self.usage_hits).index_add_(
+            0, rows_NHJ.flatten(), torch.ones(rows_NHJ.numel(), device=rows_NHJ.device, dtype=self.usage_hits.dtype)
+        )
+        self.usage_hits += hits
+        self.usage_counts += torch.stack((torch.ones_like(self.usage_counts[0]), (hits > 0).sum().to(hits.dtype)))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a model with memory layers tells the training loop.
+
+
+def memory_layers(model: nn.Module) -> list[HashingMemory]:
+    return [m for m in model.modules() if isinstance(m, HashingMemory)]
+
+
+def value_tables(model: nn.Module) -> list[MemoryValues]:
+    """Each distinct value table once (shared tables are reached through their layers)."""
+    tables: dict[int, MemoryValues] = {}
+    for layer in memory_layers(model):
+        tables.setdefault(id(layer.table), layer.table)
+    for module in model.modules():
+        if isinstance(module, MemoryValues):
+            tables.setdefault(id(module), module)
+    return list(tables.values())
+
+
+def memory_param_groups(model: nn.Module) -> list[ParamGroupSpec]:
+    """One "memory_values" group per distinct (lr, decay, update, schedule) of the value tables."""
+    groups: dict[tuple, ParamGroupSpec] = {}
+    for table in value_tables(model):
+        key = (table.lr, table.weight_decay, table.update, table.lr_schedule)
+        if key not in groups:
+            name = "memory_values" if not groups else f"memory_values_{len(groups)}"
+            groups[key] = ParamGroupSpec(
+                name, [], lr=table.lr, weight_decay=table.weight_decay, follow_schedule=table.lr_schedule, row_update=table.update
+            )
+        groups[key].params.extend(p for p in table.parameters() if p.requires_grad)
+    return list(groups.values())
+
+
+def value_param_count(model: nn.Module) -> int:
+    return sum(p.numel() for table in value_tables(model) for p in table.parameters())
+
+
+def memory_flops_per_token(model: nn.Module) -> float:
+    """Training FLOPs per token of the retrieved rows: each memory layer reads heads*knn rows of
+    v_dim (plus E for PEER's input rows); one multiply-add each forward, two backward (score and
+    value gradients): 6 FLOPs per retrieved element. Query and key scoring are dense parameters
+    (keys: heads * n_keys * k_dim multiply-adds per token) and are counted with them."""
+    total = 0.0
+    for layer in memory_layers(model):
+        row_width = layer.v_dim + (layer.dim if layer.peer else 0)
+        total += 6.0 * layer.heads * layer.knn * row_width
+    return total
+
+
+@torch.no_grad()
+def log_metrics(model: nn.Module) -> dict[str, float]:
+    """Usage of each memory layer since the last call (then reset): fraction of rows read
+    (`rows_touched`), mean unique rows per forward, share of lookups that hit the hottest 1% of
+    rows; per table, the fraction of rows any layer read (rows the lazy optimizer updated)."""
+    metrics: dict[str, float] = {}
+    table_hits: dict[int, Tensor] = {}
+    for layer in memory_layers(model):
+        forwards, unique_rows = layer.usage_counts.tolist()
+        if forwards == 0:
+            continue
+        hits = layer.usage_hits
+        hottest = max(1, layer.n_rows // 100)
+        prefix = f"memory/layer{layer.layer_id}"
+        metrics[f"{prefix}/rows_touched"] = (hits > 0).float().mean().item()
+        metrics[f"{prefix}/rows_per_forward"] = unique_rows / forwards
+        metrics[f"{prefix}/hot1pct_share"] = (hits.topk(hottest).values.sum() / hits.sum().clamp_min(1)).item()
+        key = id(layer.table)
+        table_hits[key] = table_hits[key] + hits if key in table_hits else hits.clone()
+        layer.usage_hits.zero_()
+        layer.usage_counts.zero_()
+    for index, hits in enumerate(table_hits.values()):
+        name = "memory/values" if len(table_hits) == 1 else f"memory/values{index}"
+        metrics[f"{name}/rows_touched"] = (hits > 0).float().mean().item()
+    return metrics
+
+
+def build_memory_layers(args: ProductKeyArgs, dim: int) -> tuple[dict[int, HashingMemory], MemoryValues | None]:
+    """The memory layers by block id, and the shared table (None when each layer owns its own).
+    The caller registers the shared table once on its model and initializes it in init_weights."""
+    if not args.is_enabled:
+        return {}, None
+    shared = None
+    if args.mem_share_values:
+        shared = MemoryValues(args.mem_n_keys**2, args.value_dim(dim), args, dim if args.peer_variant else None)
+    layers = {layer_id: HashingMemory(dim, args, layer_id, shared) for layer_id in args.layer_ids}
+    return layers, shared
+
+
+__all__ = [
+    "HashingMemory", "MemoryValues", "ProductKeyArgs", "build_memory_layers", "log_metrics",
+    "memory_flops_per_token", "memory_layers", "memory_param_groups", "product_key_topk",
+    "value_param_count", "value_tables",
+]
