@@ -301,6 +301,23 @@ class CheckpointManager:
         return train_state
 
 
+def resolve_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
+    """(weights: a checkpoint folder or .pth file, params.json) for a run's dump_dir, a checkpoints
+    root (its newest), a checkpoint folder, or a consolidated folder or file."""
+    path = Path(ckpt)
+    if path.is_file():
+        return path, path.parent / PARAMS_FILE
+    for candidate in (path, path / "checkpoints"):
+        folders = step_dirs(candidate)
+        if folders:
+            path = folders[-1]
+            break
+    for params in (path / PARAMS_FILE, path / CONSOLIDATED_DIR / PARAMS_FILE):
+        if params.is_file():
+            return path, params  # load_model_weights prefers a consolidated file inside the folder
+    raise FileNotFoundError(f"ckpt='{ckpt}' holds no checkpoint (no {PARAMS_FILE} found); pass a run's dump_dir or a checkpoint folder")
+
+
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load model weights only, from a checkpoint folder (DCP) or a consolidated .pth file."""
     path = Path(path)

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from apps.main.generate import Generator, GeneratorArgs, _resolve_checkpoint, load_model_and_tokenizer
+from apps.main.generate import Generator, GeneratorArgs, load_model_and_tokenizer
 from apps.main.transformer import LMTransformer
 from lingua.args import ConfigError, InputError, cli_main, to_dict
-from lingua.checkpoint import STEP_DIR
+from lingua.checkpoint import STEP_DIR, resolve_checkpoint
 from lingua.data import DataArgs
 from lingua.eval_harness import (
     EvalArgs,
@@ -81,7 +81,7 @@ def model_generate_fn(model: LMTransformer, tokenizer: Tokenizer, dtype: str = "
 def checkpoint_step_and_run(ckpt: str) -> tuple[int, Path]:
     """(training step, run folder) of a checkpoint path: the step is the name of the first
     <10 digits> folder on the path (0 if none); the run folder holds its `checkpoints` root."""
-    weights, _ = _resolve_checkpoint(ckpt)
+    weights, _ = resolve_checkpoint(ckpt)
     folder = weights if weights.is_dir() else weights.parent
     for candidate in (folder, *folder.parents):
         if STEP_DIR.match(candidate.name):

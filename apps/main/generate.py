@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -20,7 +19,7 @@ import torch
 from apps.main.train import MainTrainArgs, build_model
 from apps.main.transformer import LMTransformer
 from lingua.args import ConfigError, cli_main, config_from_dict
-from lingua.checkpoint import CONSOLIDATED_DIR, PARAMS_FILE, load_model_weights, step_dirs
+from lingua.checkpoint import load_model_weights, resolve_checkpoint
 from lingua.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -133,26 +132,9 @@ class Generator:
         return text
 
 
-def _resolve_checkpoint(ckpt: str) -> tuple[Path, Path]:
-    """(weights: a checkpoint folder or .pth file, params.json) for a dump_dir, checkpoints root,
-    checkpoint folder, consolidated folder or consolidated file."""
-    path = Path(ckpt)
-    if path.is_file():
-        return path, path.parent / PARAMS_FILE
-    for candidate in (path, path / "checkpoints"):
-        folders = step_dirs(candidate)
-        if folders:
-            path = folders[-1]
-            break
-    for params in (path / PARAMS_FILE, path / CONSOLIDATED_DIR / PARAMS_FILE):
-        if params.is_file():
-            return path, params  # load_model_weights prefers a consolidated file inside the folder
-    raise FileNotFoundError(f"ckpt='{ckpt}' holds no checkpoint (no {PARAMS_FILE} found); pass a run's dump_dir or a checkpoint folder")
-
-
 def load_model_and_tokenizer(ckpt: str, device: str = "auto") -> tuple[LMTransformer, Tokenizer, MainTrainArgs]:
     """The trained model (eval mode, on `device`), its tokenizer and its training config."""
-    weights, params = _resolve_checkpoint(ckpt)
+    weights, params = resolve_checkpoint(ckpt)
     cfg = config_from_dict(MainTrainArgs, json.loads(params.read_text()), source=str(params))
     tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
     target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")

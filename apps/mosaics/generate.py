@@ -13,35 +13,17 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from apps.main.generate import GeneratorArgs, sample_next
 from apps.mosaics.train import MosaicsTrainArgs, build_model
 from lingua.args import cli_main, config_from_dict
-from lingua.checkpoint import CONSOLIDATED_DIR, PARAMS_FILE, load_model_weights, step_dirs
+from lingua.checkpoint import load_model_weights, resolve_checkpoint
 from lingua.mosaics.model import MosaicsLM
 from lingua.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_checkpoint(ckpt: str) -> tuple[Path, Path]:
-    """(weights: a checkpoint folder or .pth file, params.json) for a dump_dir, checkpoints root,
-    checkpoint folder, consolidated folder or consolidated file."""
-    path = Path(ckpt)
-    if path.is_file():
-        return path, path.parent / PARAMS_FILE
-    for candidate in (path, path / "checkpoints"):
-        folders = step_dirs(candidate)
-        if folders:
-            path = folders[-1]
-            break
-    for params in (path / PARAMS_FILE, path / CONSOLIDATED_DIR / PARAMS_FILE):
-        if params.is_file():
-            return path, params
-    raise FileNotFoundError(f"ckpt='{ckpt}' holds no checkpoint (no {PARAMS_FILE} found); pass a run's dump_dir or a checkpoint folder")
 
 
 def load_model_and_tokenizer(ckpt: str, device: str = "auto") -> tuple[MosaicsLM, Tokenizer, MosaicsTrainArgs]:
