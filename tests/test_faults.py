@@ -150,6 +150,10 @@ def test_preemption_signal_saves_and_exits_cleanly(corpus, tmp_path, signum):
 # 3. Bad input -------------------------------------------------------------------------------
 
 
+PK = ["model.productkey_args.is_enabled=true", "model.productkey_args.layers=0", "model.productkey_args.mem_n_keys=16",
+      "model.productkey_args.mem_knn=4", "model.productkey_args.mem_k_dim=16"]  # a valid small memory, then one bad value
+
+
 def _previous_run(dump_dir: Path) -> dict[str, str]:
     """A dump_dir as a previous run left it; bad input must not change any of it."""
     dump_dir.mkdir(parents=True)
@@ -169,6 +173,9 @@ def _previous_run(dump_dir: Path) -> dict[str, str]:
         ("config typo", ["optim.lrr=1"], "did you mean 'optim.lr'"),
         ("wrong type", ["steps=many"], "'steps'"),
         ("seq_len beyond the model", ["data.seq_len=64"], "model.max_seqlen"),
+        ("memory knn above n_keys", [*PK, "model.productkey_args.mem_knn=64"], "mem_knn=64 exceeds mem_n_keys=16"),
+        ("memory odd k_dim", [*PK, "model.productkey_args.mem_k_dim=15"], "mem_k_dim=15 must be even"),
+        ("memory layer out of range", [*PK, "model.productkey_args.layers=0,5"], "ids [5] are outside the 1 blocks"),
     ],
     ids=lambda case: case[0],
 )
