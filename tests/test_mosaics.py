@@ -119,7 +119,7 @@ def test_training_forward_has_no_graph_break_and_dropout_acts():
 
 def test_public_init_and_to_returns_the_module():
     model = tiny_model(dtype=torch.float32)
-    C, L, H = 24, 2, 3
+    C, H = 24, 3  # tiny_model: dim 24, 3 heads
     assert model.to("cpu") is model
     assert model.output is None and abs(model.tok_embeddings.weight.std().item() - C**-0.5) < 0.02
     block = model.layers[0]
