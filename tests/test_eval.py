@@ -268,6 +268,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # includes training the debug model (about a minute on an idle 2-core machine)
 def test_eval_command_end_to_end_offline_and_above_chance(trained_run, tmp_path):
     """The documented command on the local tasks: results.json, results.md and the metrics line;
     the trained debug model beats chance on synthetic_mc."""
