@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -154,16 +154,22 @@ class GenerateArgs:
     generator: GeneratorArgs = field(default_factory=GeneratorArgs)
 
 
-def main(args: GenerateArgs) -> list[str]:
+def generate_and_print(args: GenerateArgs, load: Callable[..., tuple], make_generator: Callable[..., Any]) -> list[str]:
+    """The generate command of an app: load(ckpt, device) -> (model, tokenizer, cfg), then
+    make_generator(model, tokenizer, generator_args).generate(prompts), printed and returned."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = ([args.prompt] if args.prompt is not None else []) + list(args.prompts)
     if not prompts:
         raise SystemExit('give a prompt: prompt="Once upon a time" (or prompts=[...])')
-    model, tokenizer, _ = load_model_and_tokenizer(args.ckpt, args.generator.device)
-    outputs = Generator(model, tokenizer, args.generator).generate(prompts)
+    model, tokenizer, _ = load(args.ckpt, args.generator.device)
+    outputs = make_generator(model, tokenizer, args.generator).generate(prompts)
     for prompt, output in zip(prompts, outputs):
         print(f"{prompt}{output}\n{'-' * 40}")
     return outputs
+
+
+def main(args: GenerateArgs) -> list[str]:
+    return generate_and_print(args, load_model_and_tokenizer, Generator)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
-from apps.main.generate import GeneratorArgs, sample_next
+from apps.main.generate import GenerateArgs, GeneratorArgs, generate_and_print, sample_next
 from apps.mosaics.train import MosaicsTrainArgs, build_model
 from lingua.args import cli_main, config_from_dict
 from lingua.checkpoint import load_model_weights, resolve_checkpoint
@@ -89,24 +88,8 @@ class MosaicsGenerator:
         return outputs
 
 
-@dataclass
-class GenerateArgs:
-    ckpt: str = "???"  # run dump_dir, checkpoint folder, or consolidated folder/file
-    prompt: str | None = None  # one prompt
-    prompts: list[str] = field(default_factory=list)  # or several
-    generator: GeneratorArgs = field(default_factory=GeneratorArgs)
-
-
 def main(args: GenerateArgs) -> list[str]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    prompts = ([args.prompt] if args.prompt is not None else []) + list(args.prompts)
-    if not prompts:
-        raise SystemExit('give a prompt: prompt="Once upon a time" (or prompts=[...])')
-    model, tokenizer, _ = load_model_and_tokenizer(args.ckpt, args.generator.device)
-    outputs = MosaicsGenerator(model, tokenizer, args.generator).generate(prompts)
-    for prompt, output in zip(prompts, outputs):
-        print(f"{prompt}{output}\n{'-' * 40}")
-    return outputs
+    return generate_and_print(args, load_model_and_tokenizer, MosaicsGenerator)
 
 
 if __name__ == "__main__":
