@@ -20,10 +20,10 @@ from torch import nn
 
 from apps.main.train import MainTrainArgs, build_model, model_flops_per_token
 from apps.main.transformer import LMTransformerArgs
-from benchmarks.timing import format_table, time_fn
+from benchmarks.timing import format_table, time_fn, training_step
 from lingua.args import load_config
 from lingua.metrics import device_peak_flops
-from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm
+from lingua.optim import OptimArgs, build_optimizer
 from lingua.tokenizer import ByteTokenizer
 from lingua.transformer import ffn_hidden_dim
 
@@ -151,16 +151,7 @@ def main() -> None:
     def make_step(model: nn.Module):
         optimizer, _ = build_optimizer(model, OptimArgs(lr=1e-4, warmup=0), n_steps=1000)
         forward = torch.compile(model) if compile_models else model
-
-        def step() -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = forward(inputs, targets)
-            loss.backward()
-            clip_grad_norm(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
+        return training_step(forward, model, optimizer, inputs, targets, dtype)
 
     timings = [
         time_fn("bare llama (reference)", make_step(reference), args.warmup, args.repeats),

@@ -18,10 +18,10 @@ import dataclasses
 import torch
 
 from apps.mosaics.train import MosaicsTrainArgs
-from benchmarks.timing import format_table, time_fn
+from benchmarks.timing import format_table, time_fn, training_step
 from lingua.args import load_config
 from lingua.mosaics.model import MosaicsArgs, MosaicsLM
-from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm
+from lingua.optim import OptimArgs, build_optimizer
 
 
 def build(args: MosaicsArgs, device: torch.device) -> MosaicsLM:
@@ -72,14 +72,7 @@ def main() -> None:
                 name = f"{label}{', compiled' if compiled else ''}"
                 optimizer, _ = build_optimizer(model, OptimArgs(lr=1e-4, warmup=0), n_steps=1000)
                 forward = torch.compile(model) if compiled else model
-
-                def step(forward=forward, model=model, optimizer=optimizer) -> None:
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                        loss = forward(inputs, targets)
-                    loss.backward()
-                    clip_grad_norm(model.parameters(), 1.0)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                step = training_step(forward, model, optimizer, inputs, targets, dtype)
 
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()

@@ -19,10 +19,10 @@ from torch import nn
 
 from apps.main.train import MODEL_SPEC, MainTrainArgs, build_model, model_flops_per_token
 from apps.main.transformer import LMTransformerArgs
-from benchmarks.timing import format_table, time_fn
+from benchmarks.timing import format_table, time_fn, training_step
 from lingua.args import load_config
 from lingua.metrics import device_peak_flops
-from lingua.optim import OptimArgs, build_optimizer, clip_grad_norm
+from lingua.optim import OptimArgs, build_optimizer
 from lingua.product_key import ProductKeyArgs
 from lingua.tokenizer import ByteTokenizer
 
@@ -96,16 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         if compile_blocks:  # per block, as the trainer's parallelize does; the bag runs eagerly
             for block in model.layers:
                 block.compile()
-
-        def step() -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = model(inputs, targets)
-            loss.backward()
-            clip_grad_norm(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
+        return training_step(model, model, optimizer, inputs, targets, dtype)
 
     timings = [
         time_fn("dense", make_step(dense), args.warmup, args.repeats),

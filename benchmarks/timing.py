@@ -89,3 +89,28 @@ def format_table(timings: list[Timing], reference: str, extra: dict[str, str] | 
             row += f" {extra.get(t.name, '')} |"
         lines.append(row)
     return "\n".join(lines)
+
+
+def training_step(
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype,
+) -> Callable[[], None]:
+    """One training step as the trainer runs it: autocast forward, backward, clipping at 1.0,
+    optimizer step, zero_grad. `forward` is the model or its compiled form."""
+    from lingua.optim import clip_grad_norm
+
+    device_type = inputs.device.type
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = forward(inputs, targets)
+        loss.backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
