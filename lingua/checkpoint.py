@@ -22,7 +22,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lingua.args import InputError
+from lingua.args import InputError, config_from_dict
+from lingua.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +317,24 @@ def resolve_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
         if params.is_file():
             return path, params  # load_model_weights prefers a consolidated file inside the folder
     raise FileNotFoundError(f"ckpt='{ckpt}' holds no checkpoint (no {PARAMS_FILE} found); pass a run's dump_dir or a checkpoint folder")
+
+
+def load_trained_model(
+    ckpt: str | Path, config_class: type, build: Callable[[Any, Tokenizer], torch.nn.Module], device: str = "auto"
+) -> tuple[torch.nn.Module, Tokenizer, Any]:
+    """(model in eval mode on `device`, its tokenizer, its training config) from a checkpoint:
+    the config from params.json, the model built by the app's `build(model_args, tokenizer)` on
+    the meta device, initialized (buffers not in the checkpoint) and loaded."""
+    weights, params = resolve_checkpoint(ckpt)
+    cfg = config_from_dict(config_class, json.loads(params.read_text()), source=str(params))
+    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
+    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    with torch.device("meta"):
+        model = build(cfg.model, tokenizer)
+    model = model.to_empty(device=target)
+    model.init_weights()
+    load_model_weights(weights, model)
+    return model.eval(), tokenizer, cfg
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:

@@ -9,7 +9,6 @@ RoPE positions and never attends to padding. The prefix is encoded once, then on
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -18,9 +17,9 @@ import torch
 
 from apps.main.train import MainTrainArgs, build_model
 from apps.main.transformer import LMTransformer
-from lingua.args import ConfigError, cli_main, config_from_dict
-from lingua.checkpoint import load_model_weights, resolve_checkpoint
-from lingua.tokenizer import Tokenizer, build_tokenizer
+from lingua.args import ConfigError, cli_main
+from lingua.checkpoint import load_trained_model
+from lingua.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -134,16 +133,7 @@ class Generator:
 
 def load_model_and_tokenizer(ckpt: str, device: str = "auto") -> tuple[LMTransformer, Tokenizer, MainTrainArgs]:
     """The trained model (eval mode, on `device`), its tokenizer and its training config."""
-    weights, params = resolve_checkpoint(ckpt)
-    cfg = config_from_dict(MainTrainArgs, json.loads(params.read_text()), source=str(params))
-    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
-    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-    with torch.device("meta"):
-        model = build_model(cfg.model, tokenizer)
-    model = model.to_empty(device=target)
-    model.init_weights()  # buffers that are not in the checkpoint (RoPE tables)
-    load_model_weights(weights, model)
-    return model.eval(), tokenizer, cfg
+    return load_trained_model(ckpt, MainTrainArgs, build_model, device)
 
 
 @dataclass

@@ -10,33 +10,23 @@ decoded one row at a time (rows of different lengths would need per-row leaky st
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
 
 from apps.main.generate import GenerateArgs, GeneratorArgs, generate_and_print, sample_next
 from apps.mosaics.train import MosaicsTrainArgs, build_model
-from lingua.args import cli_main, config_from_dict
-from lingua.checkpoint import load_model_weights, resolve_checkpoint
+from lingua.args import cli_main
+from lingua.checkpoint import load_trained_model
 from lingua.mosaics.model import MosaicsLM
-from lingua.tokenizer import Tokenizer, build_tokenizer
+from lingua.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 def load_model_and_tokenizer(ckpt: str, device: str = "auto") -> tuple[MosaicsLM, Tokenizer, MosaicsTrainArgs]:
     """The trained model (eval mode, on `device`), its tokenizer and its training config."""
-    weights, params = resolve_checkpoint(ckpt)
-    cfg = config_from_dict(MosaicsTrainArgs, json.loads(params.read_text()), source=str(params))
-    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
-    target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-    with torch.device("meta"):
-        model = build_model(cfg.model, tokenizer)
-    model = model.to_empty(device=target)
-    model.init_weights()
-    load_model_weights(weights, model)
-    return model.eval(), tokenizer, cfg
+    return load_trained_model(ckpt, MosaicsTrainArgs, build_model, device)
 
 
 @torch.no_grad()
