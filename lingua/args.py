@@ -4,8 +4,9 @@ Every component declares its own dataclass next to the code that uses it (`DataA
 `lingua/data.py`, ...); an app's top-level config nests them. This module turns a config class
 plus a command line into a validated instance, strictly: an unknown key, a value of the wrong
 type or a required value left unset raises `ConfigError` naming the full dotted key (and, for a
-typo, the closest valid key) before any work starts. The resolved config is dumped as YAML that
-`load_config` reads back unchanged.
+typo, the closest valid key) before any work starts. A config class may name, in a
+`DERIVED_DEFAULTS` class variable, keys that take another key's value when no file or override sets
+them. The resolved config is dumped as YAML that `load_config` reads back unchanged.
 """
 
 from __future__ import annotations
@@ -112,9 +113,18 @@ def _to_object(cfg: DictConfig, cls: type[T], source: str) -> T:
     return obj
 
 
+def _schema(cls: type) -> DictConfig:
+    """The structured config of `cls`; each key of `cls.DERIVED_DEFAULTS` ({"model.max_seqlen":
+    "data.seq_len"}) follows the key it names unless a file or an override sets it."""
+    schema = OmegaConf.structured(cls)
+    for key, source in getattr(cls, "DERIVED_DEFAULTS", {}).items():
+        OmegaConf.update(schema, key, "${" + source + "}")
+    return schema
+
+
 def config_from_dict(cls: type[T], data: dict | DictConfig, source: str = "dict") -> T:
     """Build `cls` from a (possibly partial) nested dict, strictly."""
-    schema = OmegaConf.structured(cls)
+    schema = _schema(cls)
     cfg = _merge(schema, OmegaConf.create(data), schema, source, replace_dicts=True)
     return _to_object(cfg, cls, source)
 
@@ -147,7 +157,7 @@ def _load_yaml(path: str) -> DictConfig:
 
 def load_config(cls: type[T], config_path: str | None = None, overrides: Sequence[str] = ()) -> T:
     """Resolve `cls`: dataclass defaults < YAML file `config_path` < `a.b=c` overrides."""
-    schema = OmegaConf.structured(cls)
+    schema = _schema(cls)
     cfg = schema
     if config_path is not None:
         cfg = _merge(cfg, _load_yaml(config_path), schema, f"in {config_path}", replace_dicts=True)

@@ -162,11 +162,16 @@ def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
     return replicate.get_local_rank() * shard.size() + shard.get_local_rank(), replicate.size() * shard.size()
 
 
+def dp_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """The process group of all data-parallel ranks (replicas and shards together)."""
+    return mesh["dp_replicate", "dp_shard"]._flatten().get_group()
+
+
 def dp_mean(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     """Mean of a scalar over the data-parallel ranks (a no-op in one process)."""
     if mesh is None:
         return value
-    group = mesh["dp_replicate", "dp_shard"]._flatten().get_group()
+    group = dp_group(mesh)
     value = value.detach().clone()
     dist.all_reduce(value, group=group)
     return value / dist.get_world_size(group)
@@ -220,7 +225,7 @@ class ParallelPlan:
 
     blocks: nn.ModuleList  # the repeated blocks: each is checkpointed, compiled and sharded on its own
     tensor_parallel: Callable[[nn.Module, DeviceMesh], None] | None = None  # applies TP in place
-    ignored_params: Callable[[nn.Module], set[nn.Parameter]] | None = None  # never wrapped by FSDP (memory values)
+    ignored_params: Callable[[nn.Module], set[nn.Parameter]] | None = None  # never wrapped by FSDP: replicated on every rank (memory values; the trainer averages their row-sparse gradients)
 
 
 def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh | None, args: DistributedArgs) -> nn.Module:
@@ -241,11 +246,6 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh | None, a
         param_dtype = torch.bfloat16 if args.model_dtype == "bf16" else torch.float32
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         ignored = plan.ignored_params(model) if plan.ignored_params else None
-        if ignored:
-            raise ConfigError(
-                "this model has parameters kept out of FSDP (product-key memory values), whose row-sparse "
-                "gradients are not yet synchronized across data-parallel ranks: train it in one process"
-            )
         for block in plan.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
         fully_shard(model, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)

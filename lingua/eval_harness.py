@@ -8,6 +8,7 @@ per source on the val shards; `write_results` writes results.json and results.md
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -86,6 +87,18 @@ class ValidationEvalArgs:
 
 
 @dataclass
+class GeneratorCompatArgs:
+    """The `generator` section of the public Memory Layers configs' `eval`: EvalArgs reads it into its own keys."""
+
+    dtype: Literal["fp32", "bf16"] | None = None  # sets eval.dtype
+    max_gen_len: int | None = None  # sets harness.max_gen_toks (new tokens of generation tasks that give none)
+    max_tokens: int | None = None  # accepted for compatibility; no effect (tokens per packed batch there; here harness.batch_size sequences)
+    temperature: float | None = None  # accepted for compatibility; no effect (each generation task sets its own sampling, there too)
+    top_p: float | None = None  # accepted for compatibility; no effect (as temperature)
+    top_k: int | None = None  # accepted for compatibility; no effect (as temperature)
+
+
+@dataclass
 class EvalArgs:
     """An eval command's config, and the `eval` section a training config may carry."""
 
@@ -98,6 +111,15 @@ class EvalArgs:
     seed: int = 0  # sampling seed for generation tasks that sample
     harness: HarnessArgs = field(default_factory=HarnessArgs)
     validation: ValidationEvalArgs = field(default_factory=ValidationEvalArgs)
+    generator: GeneratorCompatArgs | None = None  # read into dtype and harness.max_gen_toks, then cleared
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            return
+        self.dtype = self.generator.dtype or self.dtype
+        if self.generator.max_gen_len is not None:
+            self.harness = dataclasses.replace(self.harness, max_gen_toks=self.generator.max_gen_len)
+        self.generator = None
 
 
 def _task_spec(spec: Any, key: str) -> tuple[str, int | None]:

@@ -4,7 +4,10 @@ The training loop calls `build_optimizer(model, args, n_steps, param_groups)` on
 `clip_grad_norm(params, args.clip)` once per optimizer step; apps pass extra `ParamGroupSpec`s
 (memory values with their own fixed lr) and everything else falls into the default groups.
 One optimizer (`AdamW`) serves dense groups (torch's fused / foreach AdamW) and row-sparse groups
-(product-key values, whose gradients are sparse COO over rows: lazy or exact dense AdamW).
+(product-key values, whose gradients are sparse COO over rows: lazy or exact dense AdamW, or
+rowwise Adagrad). A row-sparse parameter may live in host memory (zero-copy values): it then
+carries `param.host_rows`, which holds its gradient on the compute device and reads and writes its
+rows and its optimizer state there (`grad_of` finds either kind of gradient).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as functional_adam
 from torch.optim.lr_scheduler import LambdaLR
@@ -22,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lingua.args import ConfigError
 
 SchedulerName = Literal["constant", "linear", "inv_sqrt", "cosine", "wsd"]
-RowUpdate = Literal["lazy", "dense"]  # update rule of a row-sparse group (see AdamW)
+RowUpdate = Literal["lazy", "dense", "rowwise_adagrad"]  # update rule of a row-sparse group (see AdamW)
 
 
 @dataclass
@@ -40,6 +44,7 @@ class OptimArgs:
     cosine_theta: float = 1.0  # cosine: progress exponent (> 1 keeps the lr high longer)
     decay_fraction: float = 0.1  # wsd: the decay takes this last fraction of the steps
     exp_factor: float = 0.5  # inv_sqrt: lr * ((warmup+1)/(step+1)) ** exp_factor
+    annealing_step: int | None = None  # accepted for compatibility with the public Memory Layers configs; no effect (no schedule reads it there either)
     decay_embeddings: bool = False  # also apply weight decay to nn.Embedding tables
 
     def __post_init__(self) -> None:
@@ -174,6 +179,43 @@ def _check_specs(model: nn.Module, specs: list[ParamGroupSpec]) -> set[int]:
     return set(owner)
 
 
+def grad_of(param: Tensor) -> Tensor | None:
+    """The gradient of a parameter: `.grad`, or for a host-memory parameter the sparse gradient
+    its `host_rows` keeps on the compute device."""
+    if param.grad is not None:
+        return param.grad
+    host = getattr(param, "host_rows", None)
+    return host.grad if host is not None else None
+
+
+def _set_grad(param: Tensor, grad: Tensor) -> None:
+    host = getattr(param, "host_rows", None)
+    if host is not None and param.grad is None:
+        host.grad = grad
+    else:
+        param.grad = grad
+
+
+def _row_gradient(param: Tensor) -> tuple[Tensor, Tensor]:
+    """(sorted unique rows, their gradients) of a row-sparse parameter; a dense gradient is every row."""
+    grad = grad_of(param)
+    assert grad is not None
+    if not grad.is_sparse:
+        return torch.arange(param.shape[0], device=grad.device), grad
+    if grad.sparse_dim() != 1:
+        raise ValueError("sparse gradients must be sparse over rows only (sparse_dim 1)")
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
+def _index_read(tensor: Tensor, rows: Tensor) -> Tensor:
+    return tensor.index_select(0, rows)
+
+
+def _index_write(tensor: Tensor, rows: Tensor, values: Tensor) -> None:
+    tensor.index_copy_(0, rows, values.to(tensor.dtype))
+
+
 class AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam over dense and row-sparse parameter groups.
 
@@ -183,17 +225,21 @@ class AdamW(torch.optim.Optimizer):
       - "lazy": only the rows present this step are updated (moments, decay, parameter), each with
         its own step count for bias correction (SparseAdam-like; `row_step` state [R]);
       - "dense": exact AdamW on the implied dense gradient (absent rows have gradient 0: their
-        moments decay and they keep moving), without ever building the dense gradient.
-    State is created for every parameter at construction (exp_avg, exp_avg_sq, step), so
-    torch.distributed.checkpoint sees a complete state before the first step.
+        moments decay and they keep moving), without ever building the dense gradient;
+      - "rowwise_adagrad": rows present this step only; one accumulator per row, the mean of its
+        squared gradient entries (`row_sum_sq` [R]): w -= lr * g / (sqrt(acc) + eps), plus decay.
+    Host-memory parameters (`param.host_rows`) take lazy or rowwise_adagrad; their state is
+    allocated in host memory and their rows are read and written through host_rows.
+    State is created for every parameter at construction, so torch.distributed.checkpoint sees a
+    complete state before the first step.
     """
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, weight_decay: float, fused: bool) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, row_update=None, fused=fused)
         super().__init__(groups, defaults)
         for group in self.param_groups:
-            if group["row_update"] not in (None, "lazy", "dense"):
-                raise ValueError(f"param group '{group.get('name')}': row_update={group['row_update']!r} must be lazy or dense")
+            if group["row_update"] not in (None, "lazy", "dense", "rowwise_adagrad"):
+                raise ValueError(f"param group '{group.get('name')}': row_update={group['row_update']!r} must be lazy, dense or rowwise_adagrad")
             for param in group["params"]:
                 self._init_state(param, group)
 
@@ -201,11 +247,24 @@ class AdamW(torch.optim.Optimizer):
         state = self.state[param]
         if state:
             return
-        on_device = group["fused"] and group["row_update"] is None
+        kind = group["row_update"]
+        on_device = group["fused"] and kind is None
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
+        host = getattr(param, "host_rows", None)
+        if host is not None and kind not in ("lazy", "rowwise_adagrad"):
+            raise ValueError(f"param group '{group.get('name')}': a host-memory parameter needs row_update lazy or rowwise_adagrad")
+        if kind == "rowwise_adagrad":
+            zeros = host.zeros if host is not None else lambda shape: torch.zeros(shape, device=param.device)
+            state["row_sum_sq"] = zeros((param.shape[0],))
+            return
+        if host is not None:
+            state["exp_avg"] = host.zeros(tuple(param.shape))
+            state["exp_avg_sq"] = host.zeros(tuple(param.shape))
+            state["row_step"] = host.zeros((param.shape[0],))
+            return
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if group["row_update"] == "lazy":
+        if kind == "lazy":
             state["row_step"] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
 
     @torch.no_grad()
@@ -219,9 +278,17 @@ class AdamW(torch.optim.Optimizer):
                 self._dense_step(group)
             else:
                 for param in group["params"]:
-                    if param.grad is not None:
+                    if grad_of(param) is not None:
                         self._row_step(param, group)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for param in group["params"]:
+                host = getattr(param, "host_rows", None)
+                if host is not None:
+                    host.grad = None
 
     def _dense_step(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -257,19 +324,17 @@ class AdamW(torch.optim.Optimizer):
     def _row_step(self, param: Tensor, group: dict) -> None:
         self._init_state(param, group)
         state = self.state[param]
-        grad = param.grad
-        if grad.is_sparse:
-            if grad.sparse_dim() != 1:
-                raise ValueError(f"param group '{group.get('name')}': sparse gradients must be sparse over rows only (sparse_dim 1)")
-            grad = grad.coalesce()
-            rows, grad_rows = grad.indices()[0], grad.values()
-        else:
-            rows, grad_rows = torch.arange(param.shape[0], device=param.device), grad
+        rows, grad_rows = _row_gradient(param)
+        host = getattr(param, "host_rows", None)
+        read, write = (host.read, host.write) if host is not None else (_index_read, _index_write)
+        if host is not None:
+            rows, grad_rows = host.prepare(rows, grad_rows)  # this rank's rows, on the update device
         lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
-        if group["row_update"] == "dense":
+        kind = group["row_update"]
+        if kind == "dense":
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             step = float(state["step"])
             param.mul_(1 - lr * weight_decay)
             exp_avg.mul_(beta1).index_add_(0, rows, grad_rows, alpha=1 - beta1)
@@ -277,19 +342,26 @@ class AdamW(torch.optim.Optimizer):
             denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
             return
-        # lazy: rows present this step only, each with its own bias correction.
-        row_step = state["row_step"].index_select(0, rows) + 1
-        state["row_step"].index_copy_(0, rows, row_step)
         shape = (-1,) + (1,) * (param.dim() - 1)
-        bias1 = (1 - beta1**row_step).view(shape)
-        bias2_sqrt = (1 - beta2**row_step).sqrt().view(shape)
-        m = exp_avg.index_select(0, rows).mul_(beta1).add_(grad_rows, alpha=1 - beta1)
-        v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
-        exp_avg.index_copy_(0, rows, m)
-        exp_avg_sq.index_copy_(0, rows, v)
-        p_rows = param.index_select(0, rows).mul_(1 - lr * weight_decay)
-        p_rows.addcdiv_(m / bias1, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr)
-        param.index_copy_(0, rows, p_rows.to(param.dtype))
+        p_rows = read(param, rows)
+        p_rows = p_rows.to(torch.promote_types(p_rows.dtype, torch.float32)).mul_(1 - lr * weight_decay)
+        if kind == "rowwise_adagrad":
+            sum_sq = read(state["row_sum_sq"], rows) + grad_rows.to(p_rows.dtype).pow(2).flatten(1).mean(dim=1)
+            write(state["row_sum_sq"], rows, sum_sq)
+            p_rows.addcdiv_(grad_rows, (sum_sq.sqrt() + eps).view(shape), value=-lr)
+        else:  # lazy: rows present this step only, each with its own bias correction.
+            row_step = read(state["row_step"], rows) + 1
+            write(state["row_step"], rows, row_step)
+            bias1 = (1 - beta1**row_step).view(shape)
+            bias2_sqrt = (1 - beta2**row_step).sqrt().view(shape)
+            m = read(state["exp_avg"], rows).mul_(beta1).add_(grad_rows, alpha=1 - beta1)
+            v = read(state["exp_avg_sq"], rows).mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
+            write(state["exp_avg"], rows, m)
+            write(state["exp_avg_sq"], rows, v)
+            p_rows.addcdiv_(m / bias1, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr)
+        write(param, rows, p_rows)
+        if host is not None:
+            host.sync()
 
 
 def build_optimizer(
@@ -313,7 +385,7 @@ def build_optimizer(
         }
         for spec in all_specs
     ]
-    fused = all(p.device.type == "cuda" for group in groups for p in group["params"])
+    fused = all(p.device.type == "cuda" for group in groups if group["row_update"] is None for p in group["params"])
     optimizer = AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.epsilon, weight_decay=args.weight_decay, fused=fused)
 
     def schedule(step: int) -> float:
@@ -332,21 +404,22 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float, norm_type: float =
 
     Returns the norm before clipping as a tensor (no host sync). Sharded (DTensor) gradients are
     reduced per device mesh with `full_tensor()`, so params on different meshes (memory values on
-    their own mesh) combine into one true global norm. Row-sparse (COO) gradients are coalesced
-    in place first (duplicate rows summed), then count and scale exactly like their dense
-    equivalent. Call once per optimizer step.
+    their own mesh) combine into one true global norm. Row-sparse (COO) gradients, host-memory
+    parameters' included (see `grad_of`), are coalesced in place first (duplicate rows summed),
+    then count and scale exactly like their dense equivalent. Call once per optimizer step.
     """
     params_by_mesh: dict[object, list[Tensor]] = {}
     sparse: list[Tensor] = []
     for param in params:
-        if param.grad is None:
+        grad = grad_of(param)
+        if grad is None:
             continue
-        if param.grad.is_sparse:
-            if not param.grad.is_coalesced():
-                param.grad = param.grad.coalesce()
-            sparse.append(param)
+        if grad.is_sparse:
+            if not grad.is_coalesced():
+                _set_grad(param, grad.coalesce())
+            sparse.append(grad_of(param))  # type: ignore[arg-type]
             continue
-        mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+        mesh = grad.device_mesh if isinstance(grad, DTensor) else None
         params_by_mesh.setdefault(mesh, []).append(param)
     if not params_by_mesh and not sparse:
         return torch.zeros(())
@@ -354,7 +427,7 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float, norm_type: float =
     for group in params_by_mesh.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    norms.extend(torch.linalg.vector_norm(p.grad._values(), norm_type) for p in sparse)
+    norms.extend(torch.linalg.vector_norm(grad._values(), norm_type) for grad in sparse)
     device = norms[0].device
     total_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
     if max_norm > 0:
@@ -362,6 +435,50 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float, norm_type: float =
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm)
         if sparse:
             coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-            for param in sparse:
-                param.grad._values().mul_(coef.to(param.grad.device, param.grad.dtype))
+            for grad in sparse:
+                grad._values().mul_(coef.to(grad.device, grad.dtype))
     return total_norm
+
+
+def all_reduce_row_grads(optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None = None) -> None:
+    """Average the row-sparse gradients of `optimizer`'s row groups over the ranks of `group`
+    (collective). Every rank ends with the same coalesced gradient, bit for bit: the union of the
+    ranks' rows (all-gathered), each rank's rows placed in a [union, ...] buffer, one all-reduce.
+    A rank without a gradient for a parameter contributes zeros."""
+    world = dist.get_world_size(group)
+    for param_group in optimizer.param_groups:
+        if param_group["row_update"] is None:
+            continue
+        for param in param_group["params"]:
+            grad = grad_of(param)
+            device = grad.device if grad is not None else _grad_device(param)
+            if grad is None:
+                rows = torch.zeros(0, dtype=torch.long, device=device)
+                values = torch.zeros((0,) + tuple(param.shape[1:]), dtype=param.dtype, device=device)
+            else:
+                rows, values = _row_gradient(param)
+            counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+            dist.all_gather(counts, torch.tensor([rows.numel()], device=device), group=group)
+            longest = int(max(c.item() for c in counts))
+            padded = torch.full((longest,), -1, dtype=torch.long, device=device)
+            padded[: rows.numel()] = rows
+            gathered = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(gathered, padded, group=group)
+            union = torch.unique(torch.cat(gathered))
+            union = union[union >= 0]
+            summed = torch.zeros((union.numel(),) + tuple(values.shape[1:]), dtype=values.dtype, device=device)
+            summed[torch.searchsorted(union, rows)] = values
+            dist.all_reduce(summed, group=group)
+            summed /= world
+            reduced = torch.sparse_coo_tensor(union.unsqueeze(0), summed, tuple(param.shape), is_coalesced=True, check_invariants=False)
+            if grad is None and getattr(param, "host_rows", None) is None:
+                param.grad = reduced
+            else:
+                _set_grad(param, reduced)
+
+
+def _grad_device(param: Tensor) -> torch.device:
+    """Where a parameter's gradient lives: its own device, or the compute device for host tables."""
+    if getattr(param, "host_rows", None) is not None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return param.device

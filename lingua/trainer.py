@@ -31,6 +31,7 @@ from lingua.distributed import (
     ParallelPlan,
     autocast_dtype,
     build_mesh,
+    dp_group,
     dp_mean,
     dp_rank_and_size,
     init_distributed,
@@ -38,7 +39,7 @@ from lingua.distributed import (
 )
 from lingua.eval_harness import EvalArgs
 from lingua.metrics import LoggingArgs, MetricLogger, NullLogger, Throughput, device_peak_flops, memory_stats, metric_path, progress_line
-from lingua.optim import OptimArgs, ParamGroupSpec, build_optimizer, clip_grad_norm
+from lingua.optim import OptimArgs, ParamGroupSpec, all_reduce_row_grads, build_optimizer, clip_grad_norm
 from lingua.preemption import REQUEUE_SIGNALS, PreemptionWatcher, requeue_slurm_job
 from lingua.profiling import ProfilerArgs, maybe_profile
 from lingua.tokenizer import Tokenizer, build_tokenizer
@@ -259,6 +260,8 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                     loss = model(inputs, targets)
                 (loss / cfg.grad_acc_steps).backward()
                 window_losses.append(loss.detach().float())
+            if dp_size > 1:  # FSDP reduced the dense gradients; row-sparse ones (memory values) are averaged here
+                all_reduce_row_grads(optimizer, dp_group(mesh))
             grad_norm = clip_grad_norm(model.parameters(), cfg.optim.clip)
             step += 1
             if cfg.on_nonfinite == "skip" and _nonfinite_anywhere(window_losses[-cfg.grad_acc_steps :], grad_norm, mesh):

@@ -1,12 +1,13 @@
 """Every shipped config loads strictly and builds a model of the expected size (on the meta device)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from apps.main.train import MainTrainArgs, build_model
-from lingua.args import load_config
+from lingua.args import ConfigError, dump_config, load_config, parse_args
 from lingua.product_key import value_param_count
 from lingua.tokenizer import ByteTokenizer
 
@@ -38,111 +39,49 @@ def test_main_config_loads_and_builds(path):
         assert value_param_count(model) / 1e6 == pytest.approx(EXPECTED_VALUE_PARAMS_M[path.stem])
 
 
-# The public Memory Layers configs (facebookresearch/memory), as published apart from the paths a
-# user must fill in (dump_dir, data.root_dir, data.tokenizer.path) and the keys this framework has
-# no counterpart for, listed in PUBLIC_KEYS_NOT_SUPPORTED: they are removed here, not silently
-# ignored by the loader, which rejects them. The public files also leave model.max_seqlen to be
-# derived from data.seq_len, which MainTrainArgs does not do: it is set here.
-PUBLIC_KEYS_NOT_SUPPORTED = ("probe_freq", "optim.annealing_step", "eval")
-PUBLIC_PKPLUS_373M = """
-name: "373_pkplus_1024"
-steps: 128_000
-probe_freq: null
-seed: 777
-optim: {lr: 1e-4, warmup: 4000, lr_min_ratio: 0.01, clip: 1.0, scheduler: linear, annealing_step: 10000}
-distributed:
-    fsdp_type: full_shard
-    compile: true
-    model_dtype: bf16
-    matmul_allow_tf32: false
-    selective_activation_checkpointing: false
-    tp_size: 1
-    memory_parallel_size: 8
-model:
-    dim: 1024
-    n_layers:  24
-    n_heads: 16
-    rope_theta: 500000.0
-    productkey_args:
-        is_enabled: True
-        layers:  "4,12,20"
-        mem_share_values: True
-        mem_n_keys: 1024
-        value_fixed_lr: 0.001
-        swilu_projection: True
-        mem_k_dim: 512
-data:
-    root_dir: data/shuffled
-    sources: {dclm_baseline_1.0: 1.0}
-    batch_size: 8
-    prefetch_size: 64
-    seq_len: 4096
-    n_views: 2
-    load_async: true
-    tokenizer: {name: sp}
-profiling: {run: true}
-checkpoint: {dump: {every: 10000, keep: 1}, eval: {every: 128_000, keep: 1}}
-logging: {freq: 10}
-eval:
-    generator: {max_tokens: 8192, dtype: bf16, temperature: 1.0, top_p: 0.95}
-    harness: {tasks: [hellaswag, piqa, {task: nq_open, num_fewshot: 5}]}
-"""
-PUBLIC_PK_7B_MODEL = """
-name: "7B_pkplus_1024"
-model:
-    dim: 4096
-    n_layers: 32
-    n_heads: 32
-    rope_theta: 100_000
-    ffn_dim_multiplier: 1.0
-    multiple_of: 256
-    productkey_args:
-        is_enabled: True
-        layers:  "4,12,20"
-        mem_share_values: True
-        mem_n_keys: 1024
-        value_fixed_lr: 0.001
-        swilu_projection: True
-        mem_k_dim: 512
-        mem_heads: 4
-        mem_knn: 32
-        mem_gated: False
-        mem_v_dim: -1
-        peer_variant: False
-distributed: {compile: false, checkpoint_each_layer: true, memory_parallel_size: 8}
-data: {batch_size: 2}
-"""
+PUBLIC_CONFIGS = REPO / "tests" / "data" / "public_configs"  # the public Memory Layers configs, only their paths changed
 
 
-def _public_config(tmp_path, *texts: str) -> Path:
-    import yaml
-
-    merged: dict = {}
-    for text in texts:
-        for key, value in yaml.safe_load(text).items():
-            merged[key] = {**merged[key], **value} if isinstance(value, dict) and key in merged else value
-    for dotted in PUBLIC_KEYS_NOT_SUPPORTED:
-        *parents, leaf = dotted.split(".")
-        node = merged
-        for key in parents:
-            node = node[key]
-        assert leaf in node, f"{dotted} is no longer in the public config: update PUBLIC_KEYS_NOT_SUPPORTED"
-        del node[leaf]
-    merged["dump_dir"] = str(tmp_path / "run")
-    merged["data"]["root_dir"] = str(tmp_path / "data")
-    merged["data"]["tokenizer"]["path"] = str(tmp_path / "tokenizer.model")
-    merged["model"]["max_seqlen"] = merged["data"]["seq_len"]
-    path = tmp_path / "public.yaml"
-    path.write_text(yaml.safe_dump(merged))
-    return path
+def _public(name: str, tmp_path: Path, *overrides: str) -> MainTrainArgs:
+    """A public config through the command line of `python -m apps.main.train`, with its paths in tmp_path."""
+    paths = [f"dump_dir={tmp_path / 'run'}", f"data.root_dir={tmp_path / 'data'}", f"data.tokenizer.path={tmp_path / 'sp.model'}"]
+    return parse_args(MainTrainArgs, [f"config={PUBLIC_CONFIGS / name}.yaml", *paths, *overrides])
 
 
-@pytest.mark.parametrize("texts", [(PUBLIC_PKPLUS_373M,), (PUBLIC_PKPLUS_373M, PUBLIC_PK_7B_MODEL)], ids=["pkplus_373m", "pk_7b"])
-def test_public_memory_configs_load(tmp_path, texts):
-    cfg = load_config(MainTrainArgs, str(_public_config(tmp_path, *texts)))
-    ours = load_config(MainTrainArgs, str(REPO / "apps" / "main" / "configs" / ("pk_7b.yaml" if len(texts) > 1 else "pkplus_373m_1024k.yaml")))
-    assert cfg.model == ours.model  # our shipped config is the public model, field for field
-    assert cfg.optim == ours.optim
+@pytest.mark.parametrize("name", ["pkplus_373m_1024k", "pk_7b"])
+def test_public_memory_configs_load(tmp_path, name):
+    cfg = _public(name, tmp_path)
+    pk = cfg.model.productkey_args
+    assert (pk.is_enabled, pk.layers, pk.mem_share_values, pk.mem_n_keys) == (True, "4,12,20", True, 1024)
+    assert (pk.mem_heads, pk.mem_knn, pk.mem_k_dim, pk.mem_v_dim) == (4, 32, 512, -1)
+    assert (pk.value_fixed_lr, pk.swilu_projection, pk.mem_gated, pk.peer_variant) == (0.001, True, False, False)
+    optim = cfg.optim
+    assert (optim.lr, optim.warmup, optim.lr_min_ratio, optim.clip, optim.scheduler) == (1e-4, 4000, 0.01, 1.0, "linear")
+    assert optim.annealing_step == 10000
+    assert (cfg.steps, cfg.seed, cfg.probe_freq) == (128_000, 777, None)
+    assert (cfg.data.seq_len, cfg.model.max_seqlen) == (4096, 4096)  # max_seqlen left out: data.seq_len
+    assert cfg.data.tokenizer.name == "sp" and cfg.data.sources == {"dclm_baseline_1.0": 1.0}
+    assert cfg.distributed.memory_parallel_size == 8 and cfg.checkpoint.dump.every == 10_000
+    assert cfg.eval is not None and cfg.eval.dtype == "bf16" and cfg.eval.generator is None
+    assert cfg.eval.harness.tasks == ["hellaswag", "piqa", {"task": "nq_open", "num_fewshot": 5}]
+    # Our shipped config of the same name is the same run.
+    ours = load_config(MainTrainArgs, str(REPO / "apps" / "main" / "configs" / f"{name}.yaml"))
+    assert cfg.model == ours.model
     assert cfg.distributed == ours.distributed
-    for key in ("steps", "seed", "name"):
-        assert getattr(cfg, key) == getattr(ours, key), key
+    assert dataclasses.replace(cfg.optim, annealing_step=None) == ours.optim
+    assert (cfg.data.batch_size, cfg.steps, cfg.name) == (ours.data.batch_size, ours.steps, ours.name)
+    # The resolved config is dumped and read back unchanged.
+    assert load_config(MainTrainArgs, str(dump_config(cfg, tmp_path / "config.yaml"))) == cfg
+
+
+def test_max_seqlen_follows_seq_len_unless_set(tmp_path):
+    assert _public("pkplus_373m_1024k", tmp_path, "data.seq_len=2048").model.max_seqlen == 2048
+    assert _public("pkplus_373m_1024k", tmp_path, "model.max_seqlen=8192").model.max_seqlen == 8192
+    with pytest.raises(ConfigError, match="exceeds model.max_seqlen=1024"):
+        _public("pkplus_373m_1024k", tmp_path, "model.max_seqlen=1024")
+
+
+def test_eval_generator_section_sets_our_keys(tmp_path):
+    cfg = _public("pk_7b", tmp_path, "eval.generator.dtype=fp32", "eval.generator.max_gen_len=64")
+    assert cfg.eval is not None
+    assert (cfg.eval.dtype, cfg.eval.harness.max_gen_toks, cfg.eval.generator) == ("fp32", 64, None)

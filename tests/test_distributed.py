@@ -114,9 +114,9 @@ def test_layout_matches_single_process(layout, data, single, tmp_path):
     assert "dp_shard" in config
 
 
-def test_two_rank_resume_is_exact(data, tmp_path):
-    """A 2-rank FSDP run resumed from its step-4 checkpoint logs the uninterrupted run's losses exactly."""
-    extra = ["distributed.fsdp_type=full_shard", "distributed.dp_shard=2", "checkpoint.dump.keep=0"]
+def assert_two_rank_resume_is_exact(data: dict[int, Path], tmp_path: Path, extra: list[str]) -> None:
+    """A 2-rank run resumed from its step-4 checkpoint logs the uninterrupted run's losses exactly."""
+    extra = [*extra, "checkpoint.dump.keep=0"]
     run(2, config_args(data[2], tmp_path / "full", *extra))
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "0000000004", tmp_path / "resumed" / "checkpoints" / "0000000004")
@@ -124,6 +124,10 @@ def test_two_rank_resume_is_exact(data, tmp_path):
     resumed, full = losses(tmp_path / "resumed"), losses(tmp_path / "full")
     assert sorted(resumed) == list(range(5, STEPS + 1))
     assert resumed == {step: full[step] for step in resumed}
+
+
+def test_two_rank_resume_is_exact(data, tmp_path):
+    assert_two_rank_resume_is_exact(data, tmp_path, ["distributed.fsdp_type=full_shard", "distributed.dp_shard=2"])
 
 
 def test_checkpoint_reloads_on_other_world_size(data, tmp_path):
@@ -134,6 +138,41 @@ def test_checkpoint_reloads_on_other_world_size(data, tmp_path):
     result = run(1, config_args(data[1], tmp_path / "run", f"steps={STEPS}"))
     assert "data stream restarts" in result.stderr
     assert sorted(losses(tmp_path / "run")) == list(range(1, STEPS + 1))
+
+
+MEMORY = [
+    "model.productkey_args.is_enabled=true",
+    "model.productkey_args.layers=1",
+    "model.productkey_args.mem_n_keys=8",
+    "model.productkey_args.mem_heads=2",
+    "model.productkey_args.mem_knn=4",
+    "model.productkey_args.mem_k_dim=16",
+    "model.productkey_args.value_fixed_lr=0.01",
+]
+
+
+def final_table(dump_dir: Path) -> torch.Tensor:
+    folder = sorted((dump_dir / "checkpoints").iterdir())[-1]
+    return torch.load(consolidate(folder), weights_only=True)["model"]["memory_values.weight"]
+
+
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["device_values", "zero_copy"])
+def test_memory_model_two_ranks_match_single_process(zero_copy, data, tmp_path):
+    """Value tables stay out of FSDP, replicated (on the device) or one per node (zero-copy, the
+    ranks updating disjoint rows of a shared host table); their row-sparse gradients are averaged
+    over the ranks. Losses and the checkpoint's one table match a single process."""
+    extra = [*MEMORY, f"model.productkey_args.zero_copy={str(zero_copy).lower()}"]
+    run(1, config_args(data[1], tmp_path / "single", *extra))
+    run(2, config_args(data[2], tmp_path / "two", *extra, "distributed.fsdp_type=full_shard", "distributed.dp_shard=2"))
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "single"))
+    single_table, two_table = final_table(tmp_path / "single"), final_table(tmp_path / "two")
+    torch.testing.assert_close(two_table, single_table, rtol=1e-4, atol=1e-6)
+
+
+def test_zero_copy_two_rank_resume_is_exact(data, tmp_path):
+    """Host table and its optimizer state go through the checkpoint and come back exactly."""
+    assert_two_rank_resume_is_exact(data, tmp_path, [*MEMORY, "model.productkey_args.zero_copy=true", "distributed.fsdp_type=no_shard"])
+    assert torch.equal(final_table(tmp_path / "resumed"), final_table(tmp_path / "full"))
 
 
 def test_killed_rank_fails_the_job(data, tmp_path):

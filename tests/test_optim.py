@@ -269,3 +269,11 @@ def test_clip_sharded_grads_on_two_meshes(tmp_path: object) -> None:
             torch.testing.assert_close(full, grad * scale)
     finally:
         dist.destroy_process_group()
+
+
+def test_annealing_step_leaves_the_schedule_alone() -> None:
+    """optim.annealing_step is accepted for compatibility only: every schedule ignores it."""
+    for scheduler in ("constant", "linear", "inv_sqrt", "cosine", "wsd"):
+        plain = OptimArgs(scheduler=scheduler, warmup=5)
+        annealed = OptimArgs(scheduler=scheduler, warmup=5, annealing_step=7)
+        assert [lr_multiplier(s, annealed, 50) for s in range(60)] == [lr_multiplier(s, plain, 50) for s in range(60)]

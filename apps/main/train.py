@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, cli_main
 from lingua.optim import OptimArgs, ParamGroupSpec
 from lingua.product_key import log_metrics, memory_flops_per_token, memory_param_groups
+from lingua.product_key.zero_copy import check_host_capacity
 from lingua.tokenizer import Tokenizer
 from lingua.trainer import ModelSpec, TrainArgs, train
 from lingua.transformer import flops_per_token
@@ -26,7 +28,10 @@ from lingua.transformer import flops_per_token
 
 @dataclass
 class MainTrainArgs(TrainArgs):
+    DERIVED_DEFAULTS: ClassVar[dict[str, str]] = {"model.max_seqlen": "data.seq_len"}  # a config that leaves model.max_seqlen out gets data.seq_len
+
     model: LMTransformerArgs = field(default_factory=LMTransformerArgs)
+    probe_freq: int | None = None  # accepted for compatibility with the public Memory Layers configs; no effect (there is no activation probe)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,7 +86,16 @@ MODEL_SPEC = ModelSpec(
 )
 
 
+def check_host_memory(cfg: MainTrainArgs) -> None:
+    """Zero-copy values: the node must hold the tables and their optimizer state (one copy per node)."""
+    needed = cfg.model.productkey_args.host_bytes(cfg.model.dim, training=True)
+    if needed:
+        shared = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
+        check_host_capacity(needed, "model.productkey_args.zero_copy=true (value tables and their optimizer state)", shared)
+
+
 def main(cfg: MainTrainArgs) -> None:
+    check_host_memory(cfg)
     train(cfg, MODEL_SPEC)
 
 

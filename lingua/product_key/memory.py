@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lingua.args import ConfigError
 from lingua.optim import ParamGroupSpec, RowUpdate
 from lingua.product_key.embedding_bag import Backend, weighted_embedding_bag
+from lingua.product_key.zero_copy import TransferDtype, UpdatePlace, ZeroCopyValues
 
 
 @dataclass
@@ -44,10 +45,14 @@ class ProductKeyArgs:
     mem_value_dropout: float = 0.0  # dropout on the layer output
     mem_query_batchnorm: bool = False  # BatchNorm1d on the query (statistics over the batch's tokens)
     mem_query_bias: bool = True  # bias of the query projection
-    value_update: RowUpdate = "lazy"  # lazy: Adam updates only rows read this step; dense: every row (paper)
+    value_update: RowUpdate = "lazy"  # lazy: Adam on the rows read this step; dense: every row (paper); rowwise_adagrad: one accumulator per row
     value_weight_decay: float = 0.0  # decoupled weight decay of the values
     value_lr_schedule: bool = True  # the value lr follows warmup/decay, as in the public code; false: constant
     bag_backend: Backend = "auto"  # weighted bag: auto (Triton on CUDA, torch on CPU) | triton | torch
+    zero_copy: bool = False  # keep the value table and its optimizer state in host memory, read by the GPU directly
+    zero_copy_transfer: TransferDtype = "fp32"  # rows the GPU reads: fp32 master, or a bf16 copy (half the bytes)
+    zero_copy_update: UpdatePlace = "device"  # value update: on the GPU writing host rows over UVA, or on host CPU threads
+    mem_offload: bool = False  # values on an FPGA memory device: not supported (the public code's XDMA path)
 
     def __post_init__(self) -> None:
         key = "model.productkey_args"
@@ -72,6 +77,29 @@ class ProductKeyArgs:
             raise ConfigError(f"{key}.value_weight_decay={self.value_weight_decay} must be >= 0")
         if self.is_enabled and not self.layer_ids:
             raise ConfigError(f"{key}.is_enabled=true needs layers, e.g. layers=\"4,12,20\"")
+        if self.mem_offload:
+            raise ConfigError(
+                f"{key}.mem_offload=true (values on an FPGA memory device) is not supported; "
+                f"use {key}.zero_copy=true to keep the values in host memory"
+            )
+        if self.zero_copy and self.peer_variant:
+            raise ConfigError(f"{key}.zero_copy=true does not support peer_variant=true (experts' input rows stay on the GPU)")
+        if self.zero_copy and self.value_update == "dense":
+            raise ConfigError(
+                f"{key}.zero_copy=true needs value_update=lazy or rowwise_adagrad: dense updates rewrite every host row each step"
+            )
+
+    def host_bytes(self, dim: int, training: bool) -> int:
+        """Host memory a zero-copy run holds for its value tables (0 without zero_copy): fp32
+        weights, the bf16 copy, and when training the optimizer state (Adam: two moments and a
+        per-row step; rowwise Adagrad: one accumulator per row)."""
+        if not (self.is_enabled and self.zero_copy):
+            return 0
+        rows, width = self.mem_n_keys**2, self.value_dim(dim)
+        per_table = rows * width * (4 + (2 if self.zero_copy_transfer == "bf16" else 0))
+        if training:
+            per_table += rows * 4 + (rows * width * 8 if self.value_update == "lazy" else 0)
+        return per_table * (1 if self.mem_share_values else len(self.layer_ids))
 
     @property
     def layer_ids(self) -> list[int]:
@@ -120,6 +148,23 @@ class MemoryValues(nn.Module):
         if self.peer_in is not None:
             nn.init.normal_(self.peer_in, mean=0.0, std=self.peer_in.shape[1] ** -0.5)
 
+    def bag(self, rows_NL: Tensor, weights_NL: Tensor, backend: Backend) -> Tensor:
+        """[N, V] weighted bag of the table's rows."""
+        return weighted_embedding_bag(self.weight, rows_NL, weights_NL, backend)
+
+
+ValueTable = MemoryValues | ZeroCopyValues
+
+
+def build_values(n_rows: int, v_dim: int, args: ProductKeyArgs, peer_in_dim: int | None = None) -> ValueTable:
+    """The value table the config asks for: on the compute device, or in host memory (zero_copy)."""
+    if args.zero_copy:
+        return ZeroCopyValues(
+            n_rows, v_dim, args.value_fixed_lr, args.value_weight_decay, args.value_update, args.value_lr_schedule,
+            args.zero_copy_transfer, args.zero_copy_update,
+        )
+    return MemoryValues(n_rows, v_dim, args, peer_in_dim)
+
 
 def product_key_topk(query_NHC: Tensor, keys_H2MC: Tensor, knn: int) -> tuple[Tensor, Tensor]:
     """Top-knn of the M^2 product keys per token and head: (scores [N, H, J] descending, rows [N, H, J]).
@@ -147,7 +192,7 @@ class HashingMemory(nn.Module):
     or None to own a table of its own (`self.values`).
     """
 
-    def __init__(self, dim: int, args: ProductKeyArgs, layer_id: int, values: MemoryValues | None = None) -> None:
+    def __init__(self, dim: int, args: ProductKeyArgs, layer_id: int, values: ValueTable | None = None) -> None:
         super().__init__()
         self.dim = dim
         self.layer_id = layer_id
@@ -167,7 +212,7 @@ class HashingMemory(nn.Module):
         self.value_proj = nn.Linear(self.v_dim, dim) if (use_swilu or args.mem_v_dim > 0) and not self.peer else None
         self.gating = nn.Linear(dim, 1) if args.mem_gated else None
         if values is None:
-            self.values: MemoryValues | None = MemoryValues(self.n_rows, self.v_dim, args, dim if self.peer else None)
+            self.values: ValueTable | None = build_values(self.n_rows, self.v_dim, args, dim if self.peer else None)
             self._shared_values = None
         else:
             expected = (self.n_rows, self.v_dim)
@@ -176,11 +221,12 @@ class HashingMemory(nn.Module):
             self.values = None
             object.__setattr__(self, "_shared_values", values)  # a reference, not a submodule
         # Usage counters since the last read (not saved): lookups per row, [forwards, unique rows].
-        self.register_buffer("usage_hits", torch.zeros(self.n_rows), persistent=False)
+        # Zero-copy tables skip the per-row counts (device memory must not grow with the table).
+        self.register_buffer("usage_hits", torch.zeros(0 if args.zero_copy else self.n_rows), persistent=False)
         self.register_buffer("usage_counts", torch.zeros(2), persistent=False)
 
     @property
-    def table(self) -> MemoryValues:
+    def table(self) -> ValueTable:
         return self.values if self.values is not None else self._shared_values  # type: ignore[return-value]
 
     @property
@@ -244,11 +290,16 @@ class HashingMemory(nn.Module):
         ranks) replaces this method to gather rows and weights over its group, read the local
         column slice and exchange the outputs.
         """
-        return weighted_embedding_bag(self.table.weight, rows_NL, weights_NL, self.bag_backend)
+        return self.table.bag(rows_NL, weights_NL, self.bag_backend)
 
     @torch.no_grad()
     def _count_usage(self, rows_NHJ: Tensor) -> None:
         """Device-side counters only (no host sync): lookups per row and unique rows per forward."""
+        if self.usage_hits.numel() == 0:  # zero-copy: unique rows only, from a sort of the lookups
+            sorted_rows = rows_NHJ.flatten().sort().values
+            unique = (sorted_rows[1:] != sorted_rows[:-1]).sum() + min(sorted_rows.numel(), 1)
+            self.usage_counts += torch.stack((torch.ones_like(self.usage_counts[0]), unique.to(self.usage_counts.dtype)))
+            return
         hits = torch.zeros_like(self.usage_hits).index_add_(
             0, rows_NHJ.flatten(), torch.ones(rows_NHJ.numel(), device=rows_NHJ.device, dtype=self.usage_hits.dtype)
         )
@@ -264,13 +315,13 @@ def memory_layers(model: nn.Module) -> list[HashingMemory]:
     return [m for m in model.modules() if isinstance(m, HashingMemory)]
 
 
-def value_tables(model: nn.Module) -> list[MemoryValues]:
+def value_tables(model: nn.Module) -> list[ValueTable]:
     """Each distinct value table once (shared tables are reached through their layers)."""
-    tables: dict[int, MemoryValues] = {}
+    tables: dict[int, ValueTable] = {}
     for layer in memory_layers(model):
         tables.setdefault(id(layer.table), layer.table)
     for module in model.modules():
-        if isinstance(module, MemoryValues):
+        if isinstance(module, (MemoryValues, ZeroCopyValues)):
             tables.setdefault(id(module), module)
     return list(tables.values())
 
@@ -316,36 +367,38 @@ def log_metrics(model: nn.Module) -> dict[str, float]:
         forwards, unique_rows = layer.usage_counts.tolist()
         if forwards == 0:
             continue
-        hits = layer.usage_hits
-        hottest = max(1, layer.n_rows // 100)
         prefix = f"memory/layer{layer.layer_id}"
-        metrics[f"{prefix}/rows_touched"] = (hits > 0).float().mean().item()
         metrics[f"{prefix}/rows_per_forward"] = unique_rows / forwards
+        layer.usage_counts.zero_()
+        hits = layer.usage_hits
+        if hits.numel() == 0:
+            continue
+        hottest = max(1, layer.n_rows // 100)
+        metrics[f"{prefix}/rows_touched"] = (hits > 0).float().mean().item()
         metrics[f"{prefix}/hot1pct_share"] = (hits.topk(hottest).values.sum() / hits.sum().clamp_min(1)).item()
         key = id(layer.table)
         table_hits[key] = table_hits[key] + hits if key in table_hits else hits.clone()
         layer.usage_hits.zero_()
-        layer.usage_counts.zero_()
     for index, hits in enumerate(table_hits.values()):
         name = "memory/values" if len(table_hits) == 1 else f"memory/values{index}"
         metrics[f"{name}/rows_touched"] = (hits > 0).float().mean().item()
     return metrics
 
 
-def build_memory_layers(args: ProductKeyArgs, dim: int) -> tuple[dict[int, HashingMemory], MemoryValues | None]:
+def build_memory_layers(args: ProductKeyArgs, dim: int) -> tuple[dict[int, HashingMemory], ValueTable | None]:
     """The memory layers by block id, and the shared table (None when each layer owns its own).
     The caller registers the shared table once on its model and initializes it in init_weights."""
     if not args.is_enabled:
         return {}, None
     shared = None
     if args.mem_share_values:
-        shared = MemoryValues(args.mem_n_keys**2, args.value_dim(dim), args, dim if args.peer_variant else None)
+        shared = build_values(args.mem_n_keys**2, args.value_dim(dim), args, dim if args.peer_variant else None)
     layers = {layer_id: HashingMemory(dim, args, layer_id, shared) for layer_id in args.layer_ids}
     return layers, shared
 
 
 __all__ = [
-    "HashingMemory", "MemoryValues", "ProductKeyArgs", "build_memory_layers", "log_metrics",
-    "memory_flops_per_token", "memory_layers", "memory_param_groups", "product_key_topk",
+    "HashingMemory", "MemoryValues", "ProductKeyArgs", "ValueTable", "ZeroCopyValues", "build_memory_layers", "build_values",
+    "log_metrics", "memory_flops_per_token", "memory_layers", "memory_param_groups", "product_key_topk",
     "value_param_count", "value_tables",
 ]

@@ -1,0 +1,163 @@
+"""Host memory of zero-copy tables: allocation, parallel fill, capacity check, sharing per node.
+
+`HostMemory` allocates the host tensors of one table (the fp32 weight, its low-precision copy and
+its optimizer state). One process: ordinary memory. Several processes on a node: one shared-memory
+mapping per tensor, created by the node's first rank and mapped by the others, so the node holds
+ONE table whatever its number of GPUs; the rows a step touched are updated by the node's ranks in
+disjoint shares (`owned`). With CUDA present every tensor is registered with the driver
+(page-locked and device-mapped), so GPU kernels read and write it directly over UVA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lingua.args import ConfigError
+
+SHM_DIR = "/dev/shm"
+FILL_CHUNK = 1 << 24  # elements filled per task (64 MB of fp32): the unit of parallelism and of seeding
+CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02  # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
+def available_host_bytes(shared: bool) -> int:
+    """MemAvailable of this machine; for shared tables also the free space of the shared-memory mount."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if shared:
+        stats = os.statvfs(SHM_DIR)
+        available = min(available, stats.f_bavail * stats.f_frsize)
+    return available
+
+
+def check_host_capacity(needed_bytes: int, what: str, shared: bool = False) -> None:
+    """Raise a ConfigError naming `what` when the host cannot hold needed_bytes (leaving 10% spare)."""
+    available = available_host_bytes(shared)
+    if needed_bytes > 0.9 * available:
+        where = f"the free space of {SHM_DIR} and host memory" if shared else "available host memory"
+        raise ConfigError(
+            f"{what} needs {needed_bytes / 2**30:.1f} GiB of host memory, but {where} is {available / 2**30:.1f} GiB: "
+            "use fewer rows (mem_n_keys), a smaller mem_v_dim, value_update=rowwise_adagrad (no Adam moments), "
+            "or a machine with more memory"
+        )
+
+
+def _register_with_cuda(tensor: Tensor) -> int:
+    """Page-lock and device-map `tensor`; returns the pointer to unregister."""
+    pointer, size = tensor.data_ptr(), tensor.untyped_storage().nbytes()
+    status = torch.cuda.cudart().cudaHostRegister(pointer, size, CUDA_HOST_REGISTER_PORTABLE_MAPPED)
+    if int(status) != 0:
+        raise RuntimeError(f"cannot page-lock {size / 2**30:.1f} GiB of host memory for the GPU (cudaHostRegister error {int(status)})")
+    return pointer
+
+
+def _unregister(pointers: list[int], tensors: list[Tensor]) -> None:
+    """Unpin, then let the tensors go (they are held until now so their memory stays valid)."""
+    for pointer in pointers:
+        torch.cuda.cudart().cudaHostUnregister(pointer)
+    tensors.clear()
+
+
+def fill_normal_(tensor: Tensor, std: float, seed: int, threads: int | None = None) -> Tensor:
+    """tensor ~ N(0, std^2), filled by threads in FILL_CHUNK pieces, each with its own generator
+    seeded by (seed, piece): the result depends on the seed only, not on the number of threads."""
+    flat = tensor.view(-1)
+    n_chunks = math.ceil(flat.numel() / FILL_CHUNK)
+
+    def fill(index: int) -> None:
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)
+        flat[index * FILL_CHUNK : (index + 1) * FILL_CHUNK].normal_(0.0, std, generator=generator)
+
+    workers = threads or min(n_chunks, os.cpu_count() or 1)
+    if workers <= 1:
+        for index in range(n_chunks):
+            fill(index)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fill, range(n_chunks)))
+    return tensor
+
+
+class HostMemory:
+    """Allocator of one table's host tensors (see module docstring); collective when the node has
+    several ranks: every rank of the node allocates the same tensors in the same order."""
+
+    def __init__(self) -> None:
+        self.pin = torch.cuda.is_available()
+        self.group: dist.ProcessGroup | None = None
+        self.local_rank, self.local_size = 0, 1
+        self._token = uuid.uuid4().hex
+        self._count = 0
+        self._pinned: list[Tensor] = []  # registered tensors, unpinned when this allocator goes away
+        self._pointers: list[int] = []
+        if self.pin:
+            weakref.finalize(self, _unregister, self._pointers, self._pinned)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self._join_node()
+
+    def _join_node(self) -> None:
+        """Find the ranks on this host, make their process group, agree on the shared file names."""
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (socket.gethostname(), self._token))
+        hosts: dict[str, list[int]] = {}
+        for rank, (host, _) in enumerate(gathered):
+            hosts.setdefault(host, []).append(rank)
+        mine = hosts[socket.gethostname()]
+        self.group, _ = dist.new_subgroups_by_enumeration(list(hosts.values()))
+        self.local_rank, self.local_size = mine.index(dist.get_rank()), len(mine)
+        self._token = gathered[mine[0]][1]
+
+    @property
+    def shared(self) -> bool:
+        return self.local_size > 1
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        """A zero-filled host tensor (shared by the node's ranks when there are several)."""
+        if not self.shared:
+            tensor = torch.zeros(shape, dtype=dtype)
+        else:
+            self._count += 1
+            path = os.path.join(SHM_DIR, f"lingua-{self._token}-{self._count}")
+            numel = math.prod(shape)
+            if self.local_rank == 0:  # a new file is zero-filled
+                tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+            self.barrier()
+            if self.local_rank != 0:
+                tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+            self.barrier()
+            if self.local_rank == 0:
+                os.unlink(path)  # the mappings stay; nothing is left behind if a rank dies
+            tensor = tensor.view(shape)
+        if self.pin:
+            self._pointers.append(_register_with_cuda(tensor))
+            self._pinned.append(tensor)
+        return tensor
+
+    def fill_normal_(self, tensor: Tensor, std: float, seed: int) -> None:
+        """Parallel normal fill, done once per node (the first rank fills, the others wait)."""
+        if self.local_rank == 0:
+            fill_normal_(tensor, std, seed)
+        self.barrier()
+
+    def owned(self, rows: Tensor) -> Tensor:
+        """The rows (of a step's sorted unique rows) this rank updates: every local_size-th one."""
+        return rows if not self.shared else rows[self.local_rank :: self.local_size]

@@ -1,0 +1,144 @@
+"""Triton kernels moving table rows between host memory and the GPU over UVA, and their launchers.
+
+A pinned (page-locked, registered) host tensor has a device-visible address: on a CUDA machine
+with unified virtual addressing it is the host pointer itself. Triton takes any object with
+`data_ptr()` and `dtype`, so `HostPointer(table)` hands a kernel the host table and the kernel's
+loads and stores cross PCIe directly: no CPU-side indexing, no staging copy, no host sync.
+
+    gather:  out[s] = table[rows[s]]   (rows[s] < 0: zeros)   one program per (slot block, column block)
+    scatter: table[rows[u]] = values[u] (+ a bf16 copy of the table, rounded once)
+
+`gather_rows` / `scatter_rows` dispatch: CUDA compute device -> these kernels; otherwise the torch
+reference in `naive.py`. Shapes: S slots, R table rows, D row width, U rows written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lingua.product_key.zero_copy import naive
+
+BLOCK_ROWS = 16  # slots per program
+
+
+class HostPointer:
+    """A host tensor as a kernel argument: its address, valid on the GPU for pinned memory (UVA)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self.dtype = tensor.dtype
+
+    def data_ptr(self) -> int:
+        return self.tensor.data_ptr()
+
+
+@triton.jit(do_not_specialize=["n_slots"])
+def _gather_rows_kernel(
+    SRC,  # [R, D] table (host memory over UVA, or device memory)
+    ROWS,  # [S] row ids, -1 for empty slots
+    OUT,  # [S, D] on the device
+    n_slots,
+    D: tl.constexpr,
+    stride_src,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_range = slots < n_slots
+    rows = tl.load(ROWS + slots, mask=in_range, other=-1).to(tl.int64)
+    mask_d = offs_d < D
+    read = (in_range & (rows >= 0))[:, None] & mask_d[None, :]
+    values = tl.load(SRC + rows[:, None] * stride_src + offs_d[None, :], mask=read, other=0.0)
+    tl.store(OUT + slots[:, None] * D + offs_d[None, :], values.to(OUT.dtype.element_ty), mask=in_range[:, None] & mask_d[None, :])
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _scatter_rows_kernel(
+    DST,  # [R, D] table
+    LOW,  # [R, D] low-precision copy of the table (read only when HAS_LOW)
+    ROWS,  # [U] unique row ids
+    VALUES,  # [U, D] on the device
+    n_rows,
+    D: tl.constexpr,
+    stride_dst,
+    stride_low,
+    HAS_LOW: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_range = slots < n_rows
+    rows = tl.load(ROWS + slots, mask=in_range, other=0).to(tl.int64)
+    mask = in_range[:, None] & (offs_d < D)[None, :]
+    values = tl.load(VALUES + slots[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(DST + rows[:, None] * stride_dst + offs_d[None, :], values.to(DST.dtype.element_ty), mask=mask)
+    if HAS_LOW:
+        tl.store(LOW + rows[:, None] * stride_low + offs_d[None, :], values.to(LOW.dtype.element_ty), mask=mask)
+
+
+def _block_d(dim: int) -> int:
+    return min(triton.next_power_of_2(dim), 128)
+
+
+def _kernel_arg(tensor: Tensor, device: torch.device) -> Tensor | HostPointer:
+    """Device tensors as they are; host tensors through their UVA address on a CUDA device (the
+    interpreter on a CPU machine reads host tensors as they are)."""
+    return HostPointer(tensor) if device.type == "cuda" and not tensor.is_cuda else tensor
+
+
+def _check_2d(table: Tensor) -> None:
+    if table.dim() != 2 or table.stride(1) != 1:
+        raise ValueError(f"tables must be 2-D with contiguous rows, got shape {tuple(table.shape)} strides {table.stride()}")
+
+
+def gather_rows_triton(table_RD: Tensor, rows_S: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """The Triton gather (see module docstring); output on rows' device."""
+    _check_2d(table_RD)
+    n_slots, dim = rows_S.numel(), table_RD.shape[1]
+    out = torch.empty(n_slots, dim, dtype=out_dtype, device=rows_S.device)
+    if n_slots == 0 or dim == 0:
+        return out
+    block_d = _block_d(dim)
+    grid = (triton.cdiv(n_slots, BLOCK_ROWS), triton.cdiv(dim, block_d))
+    _gather_rows_kernel[grid](
+        _kernel_arg(table_RD, rows_S.device), rows_S, out, n_slots, dim, table_RD.stride(0), BLOCK_S=BLOCK_ROWS, BLOCK_D=block_d
+    )
+    return out
+
+
+def scatter_rows_triton(table_RD: Tensor, rows_U: Tensor, values_UD: Tensor, low_precision_RD: Tensor | None = None) -> None:
+    """The Triton scatter (see module docstring); rows must be unique."""
+    _check_2d(table_RD)
+    n_rows, dim = rows_U.numel(), table_RD.shape[1]
+    if n_rows == 0 or dim == 0:
+        return
+    if low_precision_RD is not None:
+        _check_2d(low_precision_RD)
+    block_d = _block_d(dim)
+    grid = (triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(dim, block_d))
+    device = rows_U.device
+    low = low_precision_RD if low_precision_RD is not None else table_RD
+    _scatter_rows_kernel[grid](
+        _kernel_arg(table_RD, device), _kernel_arg(low, device), rows_U, values_UD.contiguous(), n_rows, dim,
+        table_RD.stride(0), low.stride(0), HAS_LOW=low_precision_RD is not None, BLOCK_S=BLOCK_ROWS, BLOCK_D=block_d,
+    )
+
+
+def gather_rows(table_RD: Tensor, rows_S: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Rows of a (host or device) table onto rows' device: the kernel for CUDA rows, torch otherwise."""
+    if rows_S.is_cuda:
+        return gather_rows_triton(table_RD, rows_S, out_dtype)
+    return naive.gather_rows(table_RD, rows_S, out_dtype)
+
+
+def scatter_rows(table_RD: Tensor, rows_U: Tensor, values_UD: Tensor, low_precision_RD: Tensor | None = None) -> None:
+    """Write rows of a (host or device) table from rows' device: the kernel for CUDA rows, torch otherwise."""
+    if rows_U.is_cuda:
+        scatter_rows_triton(table_RD, rows_U, values_UD, low_precision_RD)
+    else:
+        naive.scatter_rows(table_RD, rows_U, values_UD, low_precision_RD)

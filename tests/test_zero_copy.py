@@ -1,0 +1,281 @@
+"""Zero-copy values: the row-transfer kernels (Triton interpreter) against their torch reference;
+the zero-copy table against a table on the compute device (outputs, both gradients, updated rows,
+untouched rows and state bit-identical); device moves leave the table in host memory; an exact
+checkpoint round trip; the configuration checks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from apps.main.train import MainTrainArgs, check_host_memory
+from apps.main.transformer import LMTransformer, LMTransformerArgs
+from lingua.args import ConfigError, config_from_dict
+from lingua.optim import AdamW, OptimArgs, build_optimizer, clip_grad_norm, grad_of
+from lingua.product_key import ProductKeyArgs, ZeroCopyValues, memory_param_groups
+from lingua.product_key.embedding_bag import naive as bag_naive
+from lingua.product_key.embedding_bag import weighted_embedding_bag
+from lingua.product_key.zero_copy import dedup_rows, host, kernels, naive
+
+HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+BF16_ULP = dict(rtol=2**-7, atol=0)  # the interpreter rounds fp32 -> bf16 toward zero, GPUs to nearest
+
+
+def assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert got.dtype == expected.dtype
+    if got.dtype == torch.bfloat16:
+        torch.testing.assert_close(got, expected, **BF16_ULP)
+    else:
+        assert torch.equal(got, expected)
+
+
+def test_gather_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 37, generator=gen)
+    rows = torch.randint(0, 50, (41,), generator=gen)
+    rows[::4] = -1  # empty slots give zeros
+    for out_dtype in (torch.float32, torch.bfloat16):
+        assert_same(kernels.gather_rows_triton(table, rows, out_dtype), naive.gather_rows(table, rows, out_dtype))
+    low = table.to(torch.bfloat16)
+    assert torch.equal(kernels.gather_rows_triton(low, rows, torch.float32), naive.gather_rows(low, rows, torch.float32))
+
+
+@pytest.mark.parametrize("with_low_precision", [False, True])
+def test_scatter_kernel_matches_reference(with_low_precision):
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randn(40, 21, generator=gen)
+    rows = torch.randperm(40, generator=gen)[:19]
+    values = torch.randn(19, 21, generator=gen)
+    low = table.to(torch.bfloat16) if with_low_precision else None
+    ours, ours_low = table.clone(), None if low is None else low.clone()
+    kernels.scatter_rows_triton(ours, rows, values, ours_low)
+    naive.scatter_rows(table, rows, values, low)
+    assert torch.equal(ours, table)
+    if low is not None:
+        assert_same(ours_low, low)
+
+
+def test_dedup_rows_without_host_sync_semantics():
+    rows = torch.tensor([7, 3, 7, 7, 0, 3, 9, 0])
+    slot_rows, inverse = dedup_rows(rows)
+    assert slot_rows.tolist() == [0, 3, 7, 9, -1, -1, -1, -1]
+    assert torch.equal(slot_rows[inverse], rows)
+    empty_slots, empty_inverse = dedup_rows(torch.zeros(0, dtype=torch.long))
+    assert empty_slots.numel() == 0 and empty_inverse.numel() == 0
+
+
+def pk_args(**overrides) -> ProductKeyArgs:
+    return ProductKeyArgs(**{"is_enabled": True, "layers": "0", "mem_n_keys": 8, "mem_heads": 2, "mem_knn": 4, "mem_k_dim": 8, **overrides})
+
+
+def zero_copy_table(table: torch.Tensor, **kwargs) -> ZeroCopyValues:
+    values = ZeroCopyValues(table.shape[0], table.shape[1], lr=None, weight_decay=0.0, update="lazy", lr_schedule=True,
+                            dtype=table.dtype, **kwargs)
+    values.materialize()
+    values.load_state_dict({"weight": table})
+    return values
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("transfer", ["fp32", "bf16"])
+def test_zero_copy_bag_matches_device_table(backend, transfer):
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(64, 24, generator=gen)
+    rows = torch.randint(0, 64, (9, 10), generator=gen)
+    rows[:, 0] = 5  # a hot row
+    weights = torch.rand(9, 10, generator=gen).requires_grad_()
+    device_table = nn.Parameter(table.clone())
+    reference = weighted_embedding_bag(device_table, rows, weights, backend)
+    grad_out = torch.randn(reference.shape, generator=gen)
+    reference.backward(grad_out)
+    reference_weights_grad = weights.grad.clone()
+    weights.grad = None
+    values = zero_copy_table(table, transfer=transfer)
+    out = values.bag(rows, weights, backend)
+    out.backward(grad_out)
+    tol = dict(rtol=0, atol=1e-6) if transfer == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, **tol)
+    torch.testing.assert_close(weights.grad, reference_weights_grad, **tol)
+    assert values.weight.grad is None  # the gradient stays on the compute device, in host_rows
+    grad, expected_grad = grad_of(values.weight).coalesce(), device_table.grad.coalesce()
+    assert grad.dtype == torch.float32  # never rounded to the transfer dtype
+    assert torch.equal(grad.indices(), expected_grad.indices())
+    torch.testing.assert_close(grad.values(), expected_grad.values(), rtol=0, atol=1e-6)
+
+
+def test_zero_copy_gradients_float64():
+    """gradcheck of the score path, and the row gradient left in host_rows against autograd of the
+    dense formulation, both in float64."""
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    rows = torch.randint(0, 20, (4, 5), generator=gen)
+    weights = torch.rand(4, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    values = zero_copy_table(table)
+    assert torch.autograd.gradcheck(lambda w: values.bag(rows, w, "torch"), (weights,))
+    values.weight.host_rows.grad = None
+    grad_out = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    values.bag(rows, weights, "torch").backward(grad_out)
+    dense_table = table.clone().requires_grad_()
+    bag_naive.weighted_bag_forward(dense_table, rows, weights.detach()).backward(grad_out)
+    torch.testing.assert_close(grad_of(values.weight).to_dense(), dense_table.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("row_update", ["lazy", "rowwise_adagrad"])
+@pytest.mark.parametrize("update_on", ["device", "host"])
+def test_updates_match_device_table_and_leave_other_rows_alone(row_update, update_on):
+    gen = torch.Generator().manual_seed(4)
+    table = torch.randn(64, 12, generator=gen)
+    device_table = nn.Parameter(table.clone())
+    values = zero_copy_table(table, update_on=update_on)
+    group = dict(row_update=row_update, weight_decay=0.1)
+    opt_device = AdamW([{"params": [device_table], **group}], weight_decay=0.1, fused=False, **HP)
+    opt_host = AdamW([{"params": [values.weight], **group}], weight_decay=0.1, fused=False, **HP)
+    for step in range(3):
+        rows = torch.randint(0, 32, (6, 5), generator=gen)  # rows 32.. are never read
+        weights = torch.rand(6, 5, generator=gen)
+        grad_out = torch.randn(6, 12, generator=gen)
+        before = values.weight.detach().clone()
+        state_before = {k: v.clone() for k, v in opt_host.state[values.weight].items()}
+        weighted_embedding_bag(device_table, rows, weights).backward(grad_out)
+        values.bag(rows, weights, "auto").backward(grad_out)
+        norms = clip_grad_norm([device_table], 0.5), clip_grad_norm([values.weight], 0.5)
+        assert torch.equal(norms[0], norms[1])
+        opt_device.step()
+        opt_host.step()
+        opt_device.zero_grad()
+        opt_host.zero_grad()
+        assert grad_of(values.weight) is None
+        assert torch.equal(values.weight, device_table)  # same math, same order: bit-identical
+        for key, tensor in opt_device.state[device_table].items():
+            assert torch.equal(opt_host.state[values.weight][key], tensor), key
+        untouched = torch.ones(64, dtype=torch.bool)
+        untouched[rows.unique()] = False
+        assert torch.equal(values.weight[untouched], before[untouched])
+        for key, tensor in opt_host.state[values.weight].items():
+            if tensor.dim() > 0:
+                assert torch.equal(tensor[untouched], state_before[key][untouched]), key
+        assert not torch.equal(values.weight[~untouched], before[~untouched])
+
+
+def test_dense_update_and_peer_and_offload_are_refused():
+    with pytest.raises(ConfigError, match="value_update=lazy or rowwise_adagrad"):
+        pk_args(zero_copy=True, value_update="dense")
+    with pytest.raises(ConfigError, match="peer_variant"):
+        pk_args(zero_copy=True, peer_variant=True)
+    with pytest.raises(ConfigError, match="mem_offload=true .* not supported.*zero_copy=true"):
+        pk_args(mem_offload=True)
+    table = zero_copy_table(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="lazy or rowwise_adagrad"):
+        AdamW([{"params": [table.weight], "row_update": "dense"}], weight_decay=0.0, fused=False, **HP)
+
+
+def test_too_little_host_memory_is_refused_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setattr(host, "available_host_bytes", lambda shared: 2**30)
+    cfg = config_from_dict(MainTrainArgs, {
+        "dump_dir": str(tmp_path / "run"),
+        "model": {"dim": 1024, "n_layers": 2, "n_heads": 8, "max_seqlen": 256,
+                  "productkey_args": {"is_enabled": True, "layers": "1", "mem_n_keys": 1024, "zero_copy": True}},
+    })
+    with pytest.raises(ConfigError, match=r"zero_copy=true .* needs 12\.0 GiB of host memory"):
+        check_host_memory(cfg)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="zero-copy value table 1048576 x 1024"):
+        ZeroCopyValues(1024**2, 1024, None, 0.0, "lazy", True).materialize()
+
+
+def lm(zero_copy: bool, **pk) -> LMTransformer:
+    args = LMTransformerArgs(dim=32, n_layers=2, n_heads=2, vocab_size=50, max_seqlen=16, multiple_of=16,
+                             productkey_args=pk_args(layers="0,1", zero_copy=zero_copy, value_fixed_lr=0.05, **pk))
+    with torch.device("meta"):
+        model = LMTransformer(args)
+    model = model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    return model
+
+
+def test_device_moves_leave_the_table_in_host_memory():
+    model = lm(True)
+    table = model.memory_values.weight
+    pointer = table.data_ptr()
+    assert all(block.feed_forward.table is model.memory_values for block in model.layers)
+    assert model.layers[0].feed_forward.usage_hits.numel() == 0  # no per-row state on the device
+    model.to(torch.bfloat16)
+    model.to("meta")
+    assert model.memory_values.weight is table and table.device.type == "cpu" and table.dtype == torch.float32
+    assert table.data_ptr() == pointer and not table.is_meta
+    assert "memory_values.weight" in model.state_dict()
+
+
+def train_steps(model: LMTransformer, steps: range) -> tuple[list[float], torch.optim.Optimizer]:
+    optimizer, _ = build_optimizer(model, OptimArgs(lr=1e-2, warmup=0), 100, memory_param_groups(model))
+    losses = []
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        tokens = torch.randint(0, 50, (2, 16), generator=gen)
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, optimizer
+
+
+def test_model_trains_like_the_device_table():
+    """An LM with zero-copy values and one with device values, same init: the same losses and tables."""
+    device, zero_copy = lm(False), lm(True)
+    assert torch.equal(device.memory_values.weight, zero_copy.memory_values.weight) is False  # seeded differently
+    zero_copy.load_state_dict(device.state_dict())
+    losses_device, _ = train_steps(device, range(4))
+    losses_zero_copy, _ = train_steps(zero_copy, range(4))
+    assert losses_zero_copy == pytest.approx(losses_device, rel=1e-5)
+    torch.testing.assert_close(zero_copy.memory_values.weight, device.memory_values.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path: Path):
+    model = lm(True)
+    _, optimizer = train_steps(model, range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=str(tmp_path), no_dist=True)
+        resumed = lm(True)
+        resumed_opt, _ = build_optimizer(resumed, OptimArgs(lr=1e-2, warmup=0), 100, memory_param_groups(resumed))
+        model_state, optim_state = get_state_dict(resumed, resumed_opt)
+        table_state = optim_state["state"]["memory_values.weight"]
+        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path), no_dist=True)
+        set_state_dict(resumed, resumed_opt, model_state_dict=model_state, optim_state_dict=optim_state)
+    table, resumed_table = model.memory_values.weight, resumed.memory_values.weight
+    assert torch.equal(table, resumed_table)
+    state, resumed_state = optimizer.state[table], resumed_opt.state[resumed_table]
+    assert set(state) == set(resumed_state) == {"step", "exp_avg", "exp_avg_sq", "row_step"}
+    for key in state:
+        assert torch.equal(state[key], resumed_state[key]), key
+    # The optimizer keeps the host tensors it was given (loaded in place, not copies).
+    assert resumed_state["exp_avg"].data_ptr() == table_state["exp_avg"].data_ptr()
+    assert train_steps(model, range(3, 5))[0] == train_steps(resumed, range(3, 5))[0]
+
+
+def test_bf16_copy_follows_updates_and_loads():
+    model = lm(True, zero_copy_transfer="bf16")
+    table = model.memory_values
+    assert torch.equal(table.host.low_precision, table.weight.detach().to(torch.bfloat16))
+    train_steps(model, range(2))
+    assert torch.equal(table.host.low_precision, table.weight.detach().to(torch.bfloat16))
+    other = lm(True, zero_copy_transfer="bf16")
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(other.memory_values.host.low_precision, table.host.low_precision)
+
+
+def test_parallel_fill_depends_on_the_seed_only():
+    a = host.fill_normal_(torch.empty(3 * host.FILL_CHUNK // 2), 0.5, seed=11, threads=1)
+    b = host.fill_normal_(torch.empty(3 * host.FILL_CHUNK // 2), 0.5, seed=11, threads=2)
+    assert torch.equal(a, b)
+    assert abs(a.std().item() - 0.5) < 0.01
