@@ -341,7 +341,8 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load model weights only, from a checkpoint folder (DCP) or a consolidated .pth file."""
     path = Path(path)
     if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        # mmap: tensors are read from the file as they are copied in (host tables are never held twice).
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"])
         return
     consolidated = path / CONSOLIDATED_DIR / CONSOLIDATED_FILE
     if consolidated.is_file():

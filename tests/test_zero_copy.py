@@ -14,14 +14,18 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from apps.main.train import MainTrainArgs, check_host_memory
+from apps.main.generate import load_model_and_tokenizer
+from apps.main.train import MODEL_SPEC, MainTrainArgs, check_host_memory
 from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, config_from_dict
+from lingua.checkpoint import consolidate, step_dirs
 from lingua.optim import AdamW, OptimArgs, build_optimizer, clip_grad_norm, grad_of
 from lingua.product_key import ProductKeyArgs, ZeroCopyValues, memory_param_groups
 from lingua.product_key.embedding_bag import naive as bag_naive
 from lingua.product_key.embedding_bag import weighted_embedding_bag
 from lingua.product_key.zero_copy import dedup_rows, host, kernels, naive
+from lingua.synthetic import write_corpus
+from lingua.trainer import train
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 BF16_ULP = dict(rtol=2**-7, atol=0)  # the interpreter rounds fp32 -> bf16 toward zero, GPUs to nearest
@@ -279,3 +283,26 @@ def test_parallel_fill_depends_on_the_seed_only():
     b = host.fill_normal_(torch.empty(3 * host.FILL_CHUNK // 2), 0.5, seed=11, threads=2)
     assert torch.equal(a, b)
     assert abs(a.std().item() - 0.5) < 0.01
+
+
+def test_trained_model_loads_for_eval_with_the_table_in_host_memory(tmp_path: Path):
+    write_corpus(tmp_path / "data", "stories", n_train=40, n_val=4, n_chunks=1, seed=0)
+    cfg = config_from_dict(MainTrainArgs, {
+        "dump_dir": str(tmp_path / "run"), "steps": 4,
+        "data": {"root_dir": str(tmp_path / "data"), "batch_size": 2, "seq_len": 16, "load_async": False, "tokenizer": {"name": "bytes"}},
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seqlen": 16, "multiple_of": 16,
+                  "productkey_args": {**pk_args(layers="0,1", zero_copy=True, zero_copy_transfer="bf16").__dict__}},
+        "checkpoint": {"dump": {"every": 4, "keep": 1}},
+    })
+    train(cfg, MODEL_SPEC)
+    folder = step_dirs(tmp_path / "run" / "checkpoints")[-1]
+    tokens = torch.randint(0, 258, (2, 16))
+    logits = []
+    for ckpt in (folder, consolidate(folder)):
+        model, _, _ = load_model_and_tokenizer(str(ckpt), device="auto")
+        table = model.memory_values
+        assert isinstance(table, ZeroCopyValues) and table.weight.device.type == "cpu" and table.host is not None
+        assert torch.equal(table.host.low_precision, table.weight.detach().to(torch.bfloat16))
+        with torch.no_grad():
+            logits.append(model(tokens))
+    assert torch.equal(logits[0], logits[1])
