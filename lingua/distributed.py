@@ -43,7 +43,7 @@ class DistributedArgs:
     selective_activation_checkpointing: bool = False  # recompute cheap ops in backward, keep matmul outputs
     checkpoint_each_layer: bool = False  # full activation checkpointing of every block
     matmul_allow_tf32: bool = False  # allow TF32 matmuls on Ampere+ GPUs
-    memory_parallel_size: int = 1  # ranks a product-key value table is sharded over by columns
+    memory_parallel_size: int = 1  # ranks a value table would be sharded over by columns (not available yet: tables are replicated, with a warning)
     timeout_s: int = 600  # a collective waiting longer than this fails the job (a dead or hung rank)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
 
@@ -246,6 +246,12 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh | None, a
         param_dtype = torch.bfloat16 if args.model_dtype == "bf16" else torch.float32
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         ignored = plan.ignored_params(model) if plan.ignored_params else None
+        if ignored and args.memory_parallel_size > 1:
+            logger.warning(
+                "distributed.memory_parallel_size=%d: sharding value tables by columns is not available; every rank "
+                "holds the whole table (or one host table per node with zero_copy) and gradients are averaged",
+                args.memory_parallel_size,
+            )
         for block in plan.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
         fully_shard(model, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
