@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,16 +64,45 @@ def device_peak_flops(configured: float | None) -> float | None:
     return None
 
 
+def _max_rss_bytes() -> int:
+    """The process's peak resident set size (getrusage: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def host_memory_stats() -> dict[str, float]:
+    """Host memory of this process, GiB: resident set size now (`memory/host_rss_gib`, VmRSS) and
+    its peak over the process's life (`memory/host_max_rss_gib`, VmHWM). Pinned and zero-copy
+    host tables count, so on GPU runs this is where host-resident values show up. Without
+    /proc (macOS), the peak comes from getrusage and the current size is left out."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    fields[name] = int(value.split()[0]) * 1024  # reported in kB
+    except OSError:
+        pass
+    stats = {}
+    if "VmRSS" in fields:
+        stats["memory/host_rss_gib"] = fields["VmRSS"] / 2**30
+    stats["memory/host_max_rss_gib"] = fields.get("VmHWM", _max_rss_bytes()) / 2**30
+    return stats
+
+
 def memory_stats() -> dict[str, float]:
-    """Peak memory since the last call: GPU allocated/reserved GiB, or the process's max RSS on CPU."""
+    """Peak memory since the last call: GPU allocated/reserved GiB, or the process's max RSS on CPU;
+    plus the host memory of the process (host_memory_stats) on either."""
     if torch.cuda.is_available():
         stats = {
             "memory/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "memory/max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         }
         torch.cuda.reset_peak_memory_stats()
-        return stats
-    return {"memory/max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    else:
+        stats = {"memory/max_rss_gib": _max_rss_bytes() / 2**30}
+    return {**stats, **host_memory_stats()}
 
 
 class Throughput:

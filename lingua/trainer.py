@@ -130,6 +130,9 @@ def _build_model(cfg: TrainArgs, spec: ModelSpec, tokenizer: Tokenizer, env: Dis
     model seed (identical on every rank), then parallelize (TP -> AC -> compile -> FSDP)."""
     with torch.device("meta"):
         model = spec.build(cfg.model, tokenizer)  # type: ignore[attr-defined]
+    for module in model.modules():  # modules owning host storage (zero-copy tables): one copy per node
+        if hasattr(module, "materialize"):
+            module.materialize(share_with_node=True)
     model = model.to_empty(device=env.device)
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         torch.manual_seed(spec.model_seed(cfg.model))  # type: ignore[attr-defined]

@@ -39,9 +39,10 @@ def assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
         assert torch.equal(got, expected)
 
 
-def test_gather_kernel_matches_reference():
+@pytest.mark.parametrize("dim", [37, 1])  # 1: per-row optimizer state
+def test_gather_kernel_matches_reference(dim):
     gen = torch.Generator().manual_seed(0)
-    table = torch.randn(50, 37, generator=gen)
+    table = torch.randn(50, dim, generator=gen)
     rows = torch.randint(0, 50, (41,), generator=gen)
     rows[::4] = -1  # empty slots give zeros
     for out_dtype in (torch.float32, torch.bfloat16):
@@ -50,12 +51,12 @@ def test_gather_kernel_matches_reference():
     assert torch.equal(kernels.gather_rows_triton(low, rows, torch.float32), naive.gather_rows(low, rows, torch.float32))
 
 
-@pytest.mark.parametrize("with_low_precision", [False, True])
-def test_scatter_kernel_matches_reference(with_low_precision):
+@pytest.mark.parametrize("with_low_precision,dim", [(False, 21), (True, 21), (False, 1)])
+def test_scatter_kernel_matches_reference(with_low_precision, dim):
     gen = torch.Generator().manual_seed(1)
-    table = torch.randn(40, 21, generator=gen)
+    table = torch.randn(40, dim, generator=gen)
     rows = torch.randperm(40, generator=gen)[:19]
-    values = torch.randn(19, 21, generator=gen)
+    values = torch.randn(19, dim, generator=gen)
     low = table.to(torch.bfloat16) if with_low_precision else None
     ours, ours_low = table.clone(), None if low is None else low.clone()
     kernels.scatter_rows_triton(ours, rows, values, ours_low)

@@ -1,10 +1,11 @@
 """Host memory of zero-copy tables: allocation, parallel fill, capacity check, sharing per node.
 
 `HostMemory` allocates the host tensors of one table (the fp32 weight, its low-precision copy and
-its optimizer state). One process: ordinary memory. Several processes on a node: one shared-memory
-mapping per tensor, created by the node's first rank and mapped by the others, so the node holds
-ONE table whatever its number of GPUs; the rows a step touched are updated by the node's ranks in
-disjoint shares (`owned`). With CUDA present every tensor is registered with the driver
+its optimizer state). One process: ordinary memory. A training job of several processes asks for
+node sharing (`share_with_node=True`, a collective): one shared-memory mapping per tensor, created
+by the node's first rank and mapped by the others, so the node holds ONE table whatever its
+number of GPUs; the rows a step touched are updated by the node's ranks in disjoint shares
+(`owned`). Anything else (eval, generation, even inside a training job) gets private memory. With CUDA present every tensor is registered with the driver
 (page-locked and device-mapped), so GPU kernels read and write it directly over UVA.
 """
 
@@ -94,10 +95,11 @@ def fill_normal_(tensor: Tensor, std: float, seed: int, threads: int | None = No
 
 
 class HostMemory:
-    """Allocator of one table's host tensors (see module docstring); collective when the node has
-    several ranks: every rank of the node allocates the same tensors in the same order."""
+    """Allocator of one table's host tensors (see module docstring). With share_with_node in a
+    process group of several ranks, construction and every allocation are collective: every rank
+    allocates the same tensors in the same order."""
 
-    def __init__(self) -> None:
+    def __init__(self, share_with_node: bool = False) -> None:
         self.pin = torch.cuda.is_available()
         self.group: dist.ProcessGroup | None = None
         self.local_rank, self.local_size = 0, 1
@@ -107,7 +109,7 @@ class HostMemory:
         self._pointers: list[int] = []
         if self.pin:
             weakref.finalize(self, _unregister, self._pointers, self._pinned)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if share_with_node and dist.is_initialized() and dist.get_world_size() > 1:
             self._join_node()
 
     def _join_node(self) -> None:

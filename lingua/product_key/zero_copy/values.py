@@ -139,14 +139,15 @@ class ZeroCopyValues(nn.Module):
         self.update_on = update_on
         self.host: HostRows | None = None
 
-    def materialize(self) -> None:
-        """Allocate the host table (and its bf16 copy) once; later calls do nothing."""
+    def materialize(self, share_with_node: bool = False) -> None:
+        """Allocate the host table (and its bf16 copy) once; later calls do nothing.
+        share_with_node: one table per node for the ranks of a training job (collective, see HostMemory)."""
         if self.host is not None:
             return
         shape, dtype = tuple(self.weight.shape), self.weight.dtype
         low_bytes = self.weight.numel() * 2 if self.transfer == "bf16" else 0
         check_host_capacity(self.weight.numel() * self.weight.element_size() + low_bytes, f"the zero-copy value table {shape[0]} x {shape[1]}")
-        memory = HostMemory()
+        memory = HostMemory(share_with_node)
         weight = nn.Parameter(memory.zeros(shape, dtype), requires_grad=self.weight.requires_grad)
         low = memory.zeros(shape, torch.bfloat16) if self.transfer == "bf16" else None
         self.host = HostRows(memory, weight, low, self.update_on)
@@ -158,7 +159,8 @@ class ZeroCopyValues(nn.Module):
         )
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        """Device and dtype moves leave the table where it is; the first one materializes it."""
+        """Device and dtype moves leave the table where it is; the first one materializes it
+        (private memory: a training job materializes first, sharing it per node)."""
         self.materialize()
         return self
 
@@ -183,6 +185,7 @@ class ZeroCopyValues(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.refresh_low_precision()
 
+    @torch.compiler.disable
     def bag(self, rows_NL: Tensor, weights_NL: Tensor, backend: Backend) -> Tensor:
         """[N, V] weighted bag of the table's rows (see module docstring), on rows' device."""
         self.materialize()
