@@ -176,6 +176,9 @@ def _previous_run(dump_dir: Path) -> dict[str, str]:
         ("memory knn above n_keys", [*PK, "model.productkey_args.mem_knn=64"], "mem_knn=64 exceeds mem_n_keys=16"),
         ("memory odd k_dim", [*PK, "model.productkey_args.mem_k_dim=15"], "mem_k_dim=15 must be even"),
         ("memory layer out of range", [*PK, "model.productkey_args.layers=0,5"], "ids [5] are outside the 1 blocks"),
+        ("zero_copy beyond host memory", [*PK, "model.productkey_args.zero_copy=true", "model.productkey_args.mem_n_keys=65536"],
+         "GiB of host memory, but available host memory is"),
+        ("memory on an FPGA", [*PK, "model.productkey_args.mem_offload=true"], "mem_offload=true (values on an FPGA memory device) is not supported"),
     ],
     ids=lambda case: case[0],
 )
