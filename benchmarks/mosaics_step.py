@@ -6,8 +6,8 @@
 A step is forward + backward + clipping + AdamW on random tokens. The reference formulation is the
 same model with the naive (T x T weights) leaky average, the public "regular" version's approach;
 ours uses the leaky-average custom op (Triton on GPU). Both get the same weights and must give the
-same loss first (the parity gate). The public implementation's best on one H100 (reference/mosaics.md
-section 6.2): 47.4 ms / 10.1 GB at 512 x 8, 76.9 ms / 22.0 GB at 2048 x 2 (its CUDA version: 8.5 / 11.5 GB).
+same loss first (the parity gate). The public implementation's best,
+measured on one H100: 47.4 ms / 10.1 GB at 512 x 8, 76.9 ms / 22.0 GB at 2048 x 2 (its CUDA version: 8.5 / 11.5 GB).
 """
 
 from __future__ import annotations
