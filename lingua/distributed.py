@@ -43,7 +43,7 @@ class DistributedArgs:
     selective_activation_checkpointing: bool = False  # recompute cheap ops in backward, keep matmul outputs
     checkpoint_each_layer: bool = False  # full activation checkpointing of every block
     matmul_allow_tf32: bool = False  # allow TF32 matmuls on Ampere+ GPUs
-    memory_parallel_size: int = 1  # ranks a value table would be sharded over by columns (not available yet: tables are replicated, with a warning)
+    memory_parallel_size: int = 1  # consecutive ranks a product-key value table is sharded over by columns
     timeout_s: int = 600  # a collective waiting longer than this fails the job (a dead or hung rank)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
 
@@ -226,15 +226,18 @@ class ParallelPlan:
     blocks: nn.ModuleList  # the repeated blocks: each is checkpointed, compiled and sharded on its own
     tensor_parallel: Callable[[nn.Module, DeviceMesh], None] | None = None  # applies TP in place
     ignored_params: Callable[[nn.Module], set[nn.Parameter]] | None = None  # never wrapped by FSDP: replicated on every rank (memory values; the trainer averages their row-sparse gradients)
+    memory_parallel: Callable[[nn.Module, DeviceMesh, int], None] | None = None  # shards memory tables by columns: (model, ("replicate", "shard") mesh, data-parallel size)
 
 
 def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh | None, args: DistributedArgs) -> nn.Module:
-    """TP -> activation checkpointing -> per-block compile -> FSDP2, as configured."""
+    """TP -> memory parallelism -> activation checkpointing -> per-block compile -> FSDP2, as configured."""
     if mesh is not None and args.tp_size > 1:
         if plan.tensor_parallel is None:
             raise ConfigError("distributed.tp_size > 1 but this model has no tensor-parallel plan")
         plan.tensor_parallel(model, mesh["tp"])
         replicate_remaining_params(model, mesh["tp"])
+    if args.memory_parallel_size > 1:
+        _apply_memory_parallel(model, plan, mesh, args)
     for index, block in enumerate(plan.blocks):
         if args.checkpoint_each_layer or args.selective_activation_checkpointing:
             block = apply_activation_checkpointing(block, selective=not args.checkpoint_each_layer)
@@ -246,13 +249,26 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh | None, a
         param_dtype = torch.bfloat16 if args.model_dtype == "bf16" else torch.float32
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         ignored = plan.ignored_params(model) if plan.ignored_params else None
-        if ignored and args.memory_parallel_size > 1:
-            logger.warning(
-                "distributed.memory_parallel_size=%d: sharding value tables by columns is not available; every rank "
-                "holds the whole table (or one host table per node with zero_copy) and gradients are averaged",
-                args.memory_parallel_size,
-            )
         for block in plan.blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
         fully_shard(model, mesh=dp_mesh, mp_policy=policy, ignored_params=ignored)
     return model
+
+
+def _apply_memory_parallel(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh | None, args: DistributedArgs) -> None:
+    """Shard the model's memory tables by columns over groups of memory_parallel_size consecutive
+    ranks (one process: nothing to shard, a warning)."""
+    size = args.memory_parallel_size
+    if plan.memory_parallel is None:
+        raise ConfigError(f"distributed.memory_parallel_size={size} but this model has no memory tables to shard: set it to 1")
+    if mesh is None:
+        logger.warning("distributed.memory_parallel_size=%d in a single process: the memory tables stay whole", size)
+        return
+    world = mesh.size()
+    if world % size != 0 or args.tp_size > 1:
+        raise ConfigError(
+            f"distributed.memory_parallel_size={size} must divide the {world} processes and needs tp_size=1 "
+            f"(got tp_size={args.tp_size})"
+        )
+    memory_mesh = init_device_mesh(mesh.device_type, (world // size, size), mesh_dim_names=("memory_replicate", "memory_shard"))
+    plan.memory_parallel(model, memory_mesh, dp_rank_and_size(mesh)[1])

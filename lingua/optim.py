@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch import Tensor, nn
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.adam import adam as functional_adam
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -179,6 +180,36 @@ def _check_specs(model: nn.Module, specs: list[ParamGroupSpec]) -> set[int]:
     return set(owner)
 
 
+@dataclass(frozen=True)
+class ColumnSharding:
+    """How a row-sparse parameter split by columns across ranks (memory parallelism) is reduced,
+    clipped and checkpointed; carried as `param.column_sharding`.
+
+    mesh: 2-D ("replicate", "shard"): the shard dim's ranks hold the other column slices (the
+    gradient norm sums over them), the replicate dim's ranks hold the same slice (the gradient
+    sums over them, then is divided by `divisor`, the number of data-parallel ranks: a slice's
+    gradient already sums the tokens of its whole shard group)."""
+
+    mesh: DeviceMesh
+    divisor: int
+
+    @property
+    def shard_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group(1)
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group(0)
+
+    @property
+    def placements(self) -> tuple[Replicate, Shard]:
+        return (Replicate(), Shard(1))
+
+    def global_view(self, local: Tensor) -> DTensor:
+        """The whole [R, V] tensor as a DTensor over this rank's slice (shares its memory)."""
+        return DTensor.from_local(local, self.mesh, self.placements, run_check=False)
+
+
 def grad_of(param: Tensor) -> Tensor | None:
     """The gradient of a parameter: `.grad`, or for a host-memory parameter the sparse gradient
     its `host_rows` keeps on the compute device."""
@@ -281,6 +312,31 @@ class AdamW(torch.optim.Optimizer):
                     if grad_of(param) is not None:
                         self._row_step(param, group)
         return loss
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """torch's state dict; the per-element state of column-sharded parameters is presented as
+        whole-table DTensors over the local slices, so checkpoints hold one table."""
+        state_dict = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, state in state_dict["state"].items():
+            sharding = getattr(params[index], "column_sharding", None)
+            if sharding is not None:  # a new dict: torch's state dict shares the live per-param dicts
+                state_dict["state"][index] = {
+                    key: sharding.global_view(value) if isinstance(value, Tensor) and value.shape == params[index].shape else value
+                    for key, value in state.items()
+                }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        # Saved state is keyed as its param_groups list the params (indices, or names from DCP).
+        saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
+        params = dict(zip(saved_keys, (p for group in self.param_groups for p in group["params"])))
+        local_state = {
+            index: {key: value.to_local() if isinstance(value, DTensor) and hasattr(params.get(index), "column_sharding") else value
+                    for key, value in state.items()}
+            for index, state in state_dict["state"].items()
+        }
+        super().load_state_dict({**state_dict, "state": local_state})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -417,7 +473,7 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float, norm_type: float =
         if grad.is_sparse:
             if not grad.is_coalesced():
                 _set_grad(param, grad.coalesce())
-            sparse.append(grad_of(param))  # type: ignore[arg-type]
+            sparse.append(param)
             continue
         mesh = grad.device_mesh if isinstance(grad, DTensor) else None
         params_by_mesh.setdefault(mesh, []).append(param)
@@ -427,7 +483,7 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float, norm_type: float =
     for group in params_by_mesh.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    norms.extend(torch.linalg.vector_norm(grad._values(), norm_type) for grad in sparse)
+    norms.extend(_sparse_norm(param, norm_type) for param in sparse)
     device = norms[0].device
     total_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
     if max_norm > 0:
@@ -435,21 +491,41 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float, norm_type: float =
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm)
         if sparse:
             coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-            for grad in sparse:
-                grad._values().mul_(coef.to(grad.device, grad.dtype))
+            for param in sparse:
+                values = grad_of(param)._values()  # type: ignore[union-attr]
+                values.mul_(coef.to(values.device, values.dtype))
     return total_norm
+
+
+def _sparse_norm(param: Tensor, norm_type: float) -> Tensor:
+    """The norm of a row-sparse gradient; for a column-sharded parameter, over all its slices."""
+    values = grad_of(param)._values()  # type: ignore[union-attr]
+    norm = torch.linalg.vector_norm(values, norm_type)
+    sharding = getattr(param, "column_sharding", None)
+    if sharding is None:
+        return norm
+    if math.isinf(norm_type):
+        dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=sharding.shard_group)
+        return norm
+    powered = norm.pow(norm_type)
+    dist.all_reduce(powered, group=sharding.shard_group)
+    return powered.pow(1.0 / norm_type)
 
 
 def all_reduce_row_grads(optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None = None) -> None:
     """Average the row-sparse gradients of `optimizer`'s row groups over the ranks of `group`
-    (collective). Every rank ends with the same coalesced gradient, bit for bit: the union of the
-    ranks' rows (all-gathered), each rank's rows placed in a [union, ...] buffer, one all-reduce.
-    A rank without a gradient for a parameter contributes zeros."""
-    world = dist.get_world_size(group)
+    (collective); column-sharded parameters sum over their replicas and divide by their
+    `ColumnSharding.divisor` instead. Every rank ends with the same coalesced gradient, bit for
+    bit: the union of the ranks' rows (all-gathered), each rank's rows placed in a [union, ...]
+    buffer, one all-reduce. A rank without a gradient for a parameter contributes zeros."""
     for param_group in optimizer.param_groups:
         if param_group["row_update"] is None:
             continue
         for param in param_group["params"]:
+            sharding = getattr(param, "column_sharding", None)
+            reduce_group = sharding.replica_group if sharding is not None else group
+            world = dist.get_world_size(reduce_group)
+            divisor = sharding.divisor if sharding is not None else world
             grad = grad_of(param)
             device = grad.device if grad is not None else _grad_device(param)
             if grad is None:
@@ -458,18 +534,18 @@ def all_reduce_row_grads(optimizer: torch.optim.Optimizer, group: dist.ProcessGr
             else:
                 rows, values = _row_gradient(param)
             counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-            dist.all_gather(counts, torch.tensor([rows.numel()], device=device), group=group)
+            dist.all_gather(counts, torch.tensor([rows.numel()], device=device), group=reduce_group)
             longest = int(max(c.item() for c in counts))
             padded = torch.full((longest,), -1, dtype=torch.long, device=device)
             padded[: rows.numel()] = rows
             gathered = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(gathered, padded, group=group)
+            dist.all_gather(gathered, padded, group=reduce_group)
             union = torch.unique(torch.cat(gathered))
             union = union[union >= 0]
             summed = torch.zeros((union.numel(),) + tuple(values.shape[1:]), dtype=values.dtype, device=device)
             summed[torch.searchsorted(union, rows)] = values
-            dist.all_reduce(summed, group=group)
-            summed /= world
+            dist.all_reduce(summed, group=reduce_group)
+            summed /= divisor
             reduced = torch.sparse_coo_tensor(union.unsqueeze(0), summed, tuple(param.shape), is_coalesced=True, check_invariants=False)
             if grad is None and getattr(param, "host_rows", None) is None:
                 param.grad = reduced

@@ -169,6 +169,22 @@ def test_memory_model_two_ranks_match_single_process(zero_copy, data, tmp_path):
     torch.testing.assert_close(two_table, single_table, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_memory_parallel_matches_single_process(nproc, data, tmp_path):
+    """Value tables sharded by columns over pairs of ranks (4 ranks: two pairs, replicas of each
+    other's slices): the losses and the checkpoint's whole table match a single process."""
+    single = tmp_path / "single"
+    run(1, config_args(data[1], single, *MEMORY))
+    run(nproc, config_args(data[nproc], tmp_path / "mp", *MEMORY, "distributed.memory_parallel_size=2",
+                           "distributed.fsdp_type=full_shard", "distributed.dp_shard=2"))
+    assert_close(losses(tmp_path / "mp"), losses(single))
+    torch.testing.assert_close(final_table(tmp_path / "mp"), final_table(single), rtol=1e-4, atol=1e-6)
+
+
+def test_memory_parallel_two_rank_resume_is_exact(data, tmp_path):
+    assert_two_rank_resume_is_exact(data, tmp_path, [*MEMORY, "distributed.memory_parallel_size=2", "distributed.fsdp_type=no_shard"])
+
+
 def test_zero_copy_two_rank_resume_is_exact(data, tmp_path):
     """Host table and its optimizer state go through the checkpoint and come back exactly."""
     assert_two_rank_resume_is_exact(data, tmp_path, [*MEMORY, "model.productkey_args.zero_copy=true", "distributed.fsdp_type=no_shard"])

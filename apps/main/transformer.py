@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lingua.args import ConfigError
 from lingua.distributed import ParallelPlan
-from lingua.product_key import MemoryValues, ProductKeyArgs, build_memory_layers, value_param_count, value_tables
+from lingua.product_key import ProductKeyArgs, ValueTable, build_memory_layers, shard_value_tables, value_param_count, value_tables
 from lingua.transformer import BaseTransformer, BaseTransformerArgs, KVCache, RMSNorm, document_ids, trunc_normal_
 
 IGNORE_INDEX = -100  # target value that contributes no loss (torch's cross-entropy default)
@@ -59,7 +59,7 @@ class LMTransformer(BaseTransformer):
         """document_delimiters: the (BOS, EOS) ids that separate packed documents; with
         `doc_mask` the model finds document boundaries from them when no doc_ids are passed.
         ffn_for_layer: replaces FFNs (None: the product-key memory layers of args.productkey_args)."""
-        shared_values: MemoryValues | None = None
+        shared_values: ValueTable | None = None
         if ffn_for_layer is None and args.productkey_args.is_enabled:
             memory, shared_values = build_memory_layers(args.productkey_args, args.dim)
             ffn_for_layer = memory.get
@@ -79,11 +79,14 @@ class LMTransformer(BaseTransformer):
 
     def parallel_plan(self) -> ParallelPlan:
         """The blocks' plan (TP, checkpointing, compile, FSDP per block), with memory value tables
-        kept out of FSDP: they get row-sparse gradients and their own update rule."""
+        kept out of FSDP (row-sparse gradients, their own update rule) and sharded by columns
+        under memory parallelism."""
         plan = super().parallel_plan()
         if not value_tables(self):
             return plan
-        return dataclasses.replace(plan, ignored_params=lambda model: {p for t in value_tables(model) for p in t.parameters()})
+        return dataclasses.replace(
+            plan, ignored_params=lambda model: {p for t in value_tables(model) for p in t.parameters()}, memory_parallel=shard_value_tables
+        )
 
     @property
     def output_weight(self) -> Tensor:

@@ -14,6 +14,7 @@ from lingua.product_key.memory import (
     memory_layers,
     memory_param_groups,
     product_key_topk,
+    shard_value_tables,
     value_param_count,
     value_tables,
 )
@@ -22,5 +23,5 @@ from lingua.product_key.zero_copy import ZeroCopyValues
 __all__ = [
     "HashingMemory", "MemoryValues", "ProductKeyArgs", "ValueTable", "ZeroCopyValues", "build_memory_layers", "build_values",
     "log_metrics", "memory_flops_per_token", "memory_layers", "memory_param_groups", "product_key_topk",
-    "value_param_count", "value_tables",
+    "shard_value_tables", "value_param_count", "value_tables",
 ]

@@ -19,9 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from lingua.args import ConfigError
 from lingua.optim import ParamGroupSpec, RowUpdate
+from lingua.product_key.colwise_embeddingbag import colwise_bag, shard_columns
 from lingua.product_key.embedding_bag import Backend, weighted_embedding_bag
 from lingua.product_key.zero_copy import TransferDtype, UpdatePlace, ZeroCopyValues
 
@@ -142,6 +145,8 @@ class MemoryValues(nn.Module):
         self.weight_decay = args.value_weight_decay
         self.update: RowUpdate = args.value_update
         self.lr_schedule = args.value_lr_schedule
+        self._register_state_dict_hook(_whole_table_state)
+        self._register_load_state_dict_pre_hook(_local_slice_state, with_module=True)
 
     def init_weights(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
@@ -149,8 +154,33 @@ class MemoryValues(nn.Module):
             nn.init.normal_(self.peer_in, mean=0.0, std=self.peer_in.shape[1] ** -0.5)
 
     def bag(self, rows_NL: Tensor, weights_NL: Tensor, backend: Backend) -> Tensor:
-        """[N, V] weighted bag of the table's rows."""
+        """[N, V] weighted bag of the table's rows (over the memory-parallel group when sharded)."""
+        sharding = getattr(self.weight, "column_sharding", None)
+        if sharding is not None:
+            return colwise_bag(self.weight, rows_NL, weights_NL, sharding, backend)
         return weighted_embedding_bag(self.weight, rows_NL, weights_NL, backend)
+
+
+def _whole_table_state(module: MemoryValues, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A column-sharded table appears in state dicts whole (a DTensor over the local slice)."""
+    sharding = getattr(module.weight, "column_sharding", None)
+    if sharding is not None:
+        state_dict[prefix + "weight"] = sharding.global_view(state_dict[prefix + "weight"])
+
+
+def _local_slice_state(module: MemoryValues, state_dict: dict, prefix: str, *args: object) -> None:
+    """Loading into a column-sharded table: keep this rank's columns of a whole table."""
+    sharding = getattr(module.weight, "column_sharding", None)
+    key = prefix + "weight"
+    if sharding is None or key not in state_dict:
+        return
+    value = state_dict[key]
+    if isinstance(value, DTensor):
+        value = value.to_local() if value.placements == sharding.placements else value.full_tensor()
+    if value.shape[1] != module.weight.shape[1]:  # a whole table (another layout, a consolidated file)
+        width, rank = module.weight.shape[1], sharding.mesh.get_local_rank(1)
+        value = value[:, rank * width : (rank + 1) * width]
+    state_dict[key] = value
 
 
 ValueTable = MemoryValues | ZeroCopyValues
@@ -385,6 +415,18 @@ def log_metrics(model: nn.Module) -> dict[str, float]:
     return metrics
 
 
+def shard_value_tables(model: nn.Module, mesh: DeviceMesh, divisor: int) -> None:
+    """Memory parallelism: every value table keeps this rank's column slice (see
+    colwise_embeddingbag); mesh: 2-D ("replicate", "shard"), divisor: the data-parallel size."""
+    for table in value_tables(model):
+        if isinstance(table, ZeroCopyValues):
+            raise ConfigError(
+                "distributed.memory_parallel_size > 1 with model.productkey_args.zero_copy=true: zero-copy tables are "
+                "shared per node in host memory; set memory_parallel_size=1"
+            )
+        shard_columns(table, mesh, divisor)
+
+
 def build_memory_layers(args: ProductKeyArgs, dim: int) -> tuple[dict[int, HashingMemory], ValueTable | None]:
     """The memory layers by block id, and the shared table (None when each layer owns its own).
     The caller registers the shared table once on its model and initializes it in init_weights."""
@@ -400,5 +442,5 @@ def build_memory_layers(args: ProductKeyArgs, dim: int) -> tuple[dict[int, Hashi
 __all__ = [
     "HashingMemory", "MemoryValues", "ProductKeyArgs", "ValueTable", "ZeroCopyValues", "build_memory_layers", "build_values",
     "log_metrics", "memory_flops_per_token", "memory_layers", "memory_param_groups", "product_key_topk",
-    "value_param_count", "value_tables",
+    "shard_value_tables", "value_param_count", "value_tables",
 ]
