@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import sys
 
 import pytest
@@ -15,13 +16,15 @@ def test_host_memory_tracks_an_allocation() -> None:
     assert before["memory/host_max_rss_gib"] > 0
     if sys.platform.startswith("linux"):
         assert 0 < before["memory/host_rss_gib"] <= before["memory/host_max_rss_gib"]
-    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+    block = mmap.mmap(-1, 64 * 2**20)  # fresh pages (an allocator could reuse freed, still resident memory)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1  # touch every page
     after = host_memory_stats()
     if sys.platform.startswith("linux"):
         assert after["memory/host_rss_gib"] - before["memory/host_rss_gib"] > 48 / 1024
     assert after["memory/host_max_rss_gib"] >= before["memory/host_max_rss_gib"]
     assert after["memory/host_max_rss_gib"] >= after.get("memory/host_rss_gib", 0)
-    del block
+    block.close()
 
 
 def test_memory_stats_keeps_its_keys_and_adds_host_memory() -> None:

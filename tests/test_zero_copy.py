@@ -307,3 +307,28 @@ def test_trained_model_loads_for_eval_with_the_table_in_host_memory(tmp_path: Pa
         with torch.no_grad():
             logits.append(model(tokens))
     assert torch.equal(logits[0], logits[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (UVA reads of host memory)")
+def test_gpu_reads_and_updates_the_host_table_over_uva():
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randn(4096, 96, generator=gen)
+    rows = torch.randint(0, 4096, (64, 16), generator=gen).cuda()
+    weights = torch.rand(64, 16, generator=gen).cuda()
+    grad_out = torch.randn(64, 96, generator=gen).cuda()
+    device_table = nn.Parameter(table.cuda())
+    values = zero_copy_table(table)
+    assert values.weight.device.type == "cpu" and values.weight.is_pinned()
+    reference = weighted_embedding_bag(device_table, rows, weights)
+    out = values.bag(rows, weights, "auto")
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    reference.backward(grad_out)
+    out.backward(grad_out)
+    assert grad_of(values.weight).is_cuda
+    opt_device = AdamW([{"params": [device_table], "row_update": "lazy"}], weight_decay=0.0, fused=False, **HP)
+    opt_host = AdamW([{"params": [values.weight], "row_update": "lazy"}], weight_decay=0.0, fused=False, **HP)
+    opt_device.step()
+    opt_host.step()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(values.weight.detach(), device_table.detach().cpu(), rtol=1e-6, atol=1e-6)
+    assert values.weight.device.type == "cpu" and opt_host.state[values.weight]["exp_avg"].device.type == "cpu"
