@@ -29,3 +29,30 @@ def test_zero_copy_tiny_runs_and_reports():
     assert "| public approach | " in result.stdout and "speedup vs public approach" in result.stdout
     assert "device:" in result.stdout and "goals" in result.stdout
     assert "big table: 4 steps trained (probed rows moved)" in result.stdout
+
+
+def test_run_all_keeps_each_log_and_a_summary(tmp_path):
+    """benchmarks/run_all.sh: one log per name, device facts, a summary line each; a failing name
+    counts in the exit status, an unknown name is refused before anything runs."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "BENCH_ARGS": "--tiny --warmup 1 --repeats 2"}
+    result = subprocess.run(
+        ["bash", "benchmarks/run_all.sh", str(tmp_path / "logs"), "pk_bag"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| ours (row-sparse grad) |" in (tmp_path / "logs" / "pk_bag.log").read_text()
+    assert "torch" in (tmp_path / "logs" / "device.txt").read_text()
+    assert (tmp_path / "logs" / "summary.txt").read_text().startswith("pk_bag: ok, ")
+
+    env["BENCH_ARGS"] = "--tiny --no-such-flag"
+    failed = subprocess.run(
+        ["bash", "benchmarks/run_all.sh", str(tmp_path / "failed"), "pk_bag"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert failed.returncode == 1 and "pk_bag: failed (exit 2)" in (tmp_path / "failed" / "summary.txt").read_text()
+
+    unknown = subprocess.run(
+        ["bash", "benchmarks/run_all.sh", str(tmp_path / "unknown"), "nope"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert unknown.returncode == 2 and "unknown name 'nope'" in unknown.stderr and not (tmp_path / "unknown").exists()

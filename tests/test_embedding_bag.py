@@ -1,5 +1,6 @@
-"""The weighted embedding bag: Triton kernels (interpreter on CPU) and the torch backend against
-the naive reference, values and both gradients, at awkward sizes; float64 gradcheck of the op."""
+"""The weighted embedding bag: Triton kernels (interpreter on CPU, compiled on a GPU) and the torch
+backend against the naive reference, values and both gradients, at awkward sizes; float64
+gradcheck of the op."""
 
 from __future__ import annotations
 
@@ -26,14 +27,14 @@ class Densify(torch.autograd.Function):
         return grad.to_dense() if grad.is_sparse else grad
 
 
-def make_inputs(n_rows, dim, n_bags, bag_len, dtype=torch.float32, seed=0, hot_row=True):
+def make_inputs(n_rows, dim, n_bags, bag_len, dtype=torch.float32, seed=0, hot_row=True, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    values = torch.randn(n_rows, dim, generator=gen).to(dtype).requires_grad_()
+    values = torch.randn(n_rows, dim, generator=gen).to(device, dtype).requires_grad_()
     indices = torch.randint(0, n_rows, (n_bags, bag_len), generator=gen)
     if hot_row:  # one row read by many entries: the backward walks it in several blocks
         indices.view(-1)[:: 3] = n_rows - 1
-    weights = torch.randn(n_bags, bag_len, generator=gen).requires_grad_()
-    return values, indices, weights
+    weights = torch.randn(n_bags, bag_len, generator=gen).to(device).requires_grad_()
+    return values, indices.to(device), weights
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -41,10 +42,10 @@ def make_inputs(n_rows, dim, n_bags, bag_len, dtype=torch.float32, seed=0, hot_r
     "n_rows,dim,n_bags,bag_len,dtype",
     [(50, 60, 7, 21, torch.float32), (300, 100, 13, 35, torch.float32), (64, 37, 5, 3, torch.bfloat16), (9, 300, 3, 16, torch.float32)],
 )
-def test_bag_matches_reference(backend, n_rows, dim, n_bags, bag_len, dtype):
-    values, indices, weights = make_inputs(n_rows, dim, n_bags, bag_len, dtype)
+def test_bag_matches_reference(backend, n_rows, dim, n_bags, bag_len, dtype, device):
+    values, indices, weights = make_inputs(n_rows, dim, n_bags, bag_len, dtype, device=device)
     out = weighted_embedding_bag(values, indices, weights, backend)
-    grad_out = torch.randn(out.shape).to(out.dtype)
+    grad_out = torch.randn(out.shape).to(device, out.dtype)
     out.backward(grad_out)
     ref_values = values.detach().clone().float().requires_grad_()
     ref_weights = weights.detach().clone().requires_grad_()
@@ -60,9 +61,9 @@ def test_bag_matches_reference(backend, n_rows, dim, n_bags, bag_len, dtype):
     torch.testing.assert_close(weights.grad, ref_weights.grad, **TOL[dtype])
 
 
-def test_kernels_write_every_output():
+def test_kernels_write_every_output(device):
     """Launchers fill NaN-initialized buffers completely (no unwritten rows or entries)."""
-    values, indices, weights = make_inputs(40, 70, 11, 19)
+    values, indices, weights = make_inputs(40, 70, 11, 19, device=device)
     values, weights = values.detach(), weights.detach()
     out = triton_bag._fwd(values, indices, weights)
     assert torch.isfinite(out).all()
@@ -75,8 +76,8 @@ def test_kernels_write_every_output():
     torch.testing.assert_close(grad_weights, ref_grad_weights, **TOL[torch.float32])
 
 
-def test_forward_output_fully_written(monkeypatch):
-    values, indices, weights = make_inputs(30, 45, 6, 9)
+def test_forward_output_fully_written(monkeypatch, device):
+    values, indices, weights = make_inputs(30, 45, 6, 9, device=device)
     real_empty = torch.empty
 
     def nan_empty(*args, **kwargs):
@@ -88,8 +89,8 @@ def test_forward_output_fully_written(monkeypatch):
     assert not out.isnan().any() and not grad_rows.isnan().any() and not grad_weights.isnan().any()
 
 
-def test_only_requested_gradients():
-    values, indices, weights = make_inputs(20, 8, 4, 5)
+def test_only_requested_gradients(device):
+    values, indices, weights = make_inputs(20, 8, 4, 5, device=device)
     weights = weights.detach()
     weighted_embedding_bag(values, indices, weights, "triton").sum().backward()
     assert values.grad is not None and weights.grad is None
@@ -101,8 +102,8 @@ def test_only_requested_gradients():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_gradcheck_float64(backend):
-    values, indices, weights = make_inputs(8, 5, 3, 6, torch.float64, hot_row=True)
+def test_gradcheck_float64(backend, device):
+    values, indices, weights = make_inputs(8, 5, 3, 6, torch.float64, hot_row=True, device=device)
     weights = weights.detach().double().requires_grad_()
     values = values.detach().requires_grad_()
 

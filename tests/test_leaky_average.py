@@ -1,5 +1,6 @@
-"""The leaky average: every implementation (chunked torch, custom op, Triton kernels in the
-interpreter) against the explicit T x T reference, in values and in gradients for x and beta."""
+"""The leaky average: every implementation (chunked torch, custom op, Triton kernels: interpreted on
+CPU, compiled on a GPU) against the explicit T x T reference, in values and in gradients for x and
+beta."""
 
 import pytest
 import torch
@@ -18,15 +19,15 @@ SHAPES = [(2, 1, 1, 3), (2, 37, 3, 5), (1, 75, 2, 10), (2, 130, 4, 3)]
 BETAS = [0.05, 3.0, 0.7, 9.0]
 
 
-def _inputs(B, T, H, D, dtype=torch.float64, seed=0):
+def _inputs(B, T, H, D, dtype=torch.float64, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, T, H * D, generator=gen, dtype=dtype).requires_grad_()
-    beta = torch.tensor(BETAS[:H], dtype=dtype).requires_grad_()
+    x = torch.randn(B, T, H * D, generator=gen, dtype=dtype).to(device).requires_grad_()
+    beta = torch.tensor(BETAS[:H], dtype=dtype, device=device).requires_grad_()
     return x, beta
 
 
 def _grads(y, inputs, seed=1):
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype).to(y.device)
     return torch.autograd.grad(y, inputs, g)
 
 
@@ -91,22 +92,22 @@ def test_beta_gradient_is_the_true_gradient():
 
 @pytest.mark.parametrize("ema", [True, False])
 @pytest.mark.parametrize("shape", [(2, 75, 2, 10), (1, 16, 3, 5), (2, 5, 1, 17)], ids=str)
-def test_triton_kernels_interpreted_fp32(ema, shape):
-    x64, beta64 = _inputs(*shape)
+def test_triton_kernels_fp32(ema, shape, device):
+    x64, beta64 = _inputs(*shape, device=device)
     ref = leaky_average_naive(x64, beta64) if ema else discounted_sum_naive(x64, beta64)
     x, beta = x64.detach().float(), beta64.detach().float()
     y, states = scan_fwd(x, beta, ema, chunk_size=16, fill_nan=True)
     assert not states.isnan().any()
     _close(y, ref, 1e-5)
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     dx_ref, dbeta_ref = torch.autograd.grad(ref, (x64, beta64), g)
     dx, dbeta = scan_bwd(g.float(), x, beta, states, ema, chunk_size=16, fill_nan=True)
     _close(dx, dx_ref, 1e-5)
     _close(dbeta, dbeta_ref, 1e-5)
 
 
-def test_triton_kernels_interpreted_bf16_inputs():
-    x64, beta64 = _inputs(2, 40, 2, 8)
+def test_triton_kernels_bf16_inputs(device):
+    x64, beta64 = _inputs(2, 40, 2, 8, device=device)
     ref = leaky_average_naive(x64, beta64)
     x = x64.detach().bfloat16()
     y = LeakyScanTriton.apply(x.requires_grad_(), beta64.detach().float().requires_grad_(), True, 16)
@@ -114,19 +115,19 @@ def test_triton_kernels_interpreted_bf16_inputs():
     _close(y, ref, 2e-2)
 
 
-def test_triton_function_gradcheck_float64():
-    x, beta = _inputs(1, 19, 2, 3)
+def test_triton_function_gradcheck_float64(device):
+    x, beta = _inputs(1, 19, 2, 3, device=device)
     assert torch.autograd.gradcheck(lambda x, b: LeakyScanTriton.apply(x, b, True, 16), (x, beta), fast_mode=True)
 
 
-def test_op_gradcheck_and_opcheck():
-    x, beta = _inputs(1, 21, 2, 3)
+def test_op_gradcheck_and_opcheck(device):
+    x, beta = _inputs(1, 21, 2, 3, device=device)
     assert torch.autograd.gradcheck(lambda x, b: leaky_scan_op(x, b, True, 16)[0], (x, beta))
     torch.library.opcheck(leaky_scan_op, (x, beta, True, 16))
 
 
-def test_op_compiles_without_graph_breaks():
-    x, beta = _inputs(2, 37, 2, 4, dtype=torch.float32)
+def test_op_compiles_without_graph_breaks(device):
+    x, beta = _inputs(2, 37, 2, 4, dtype=torch.float32, device=device)
 
     def f(x, theta):
         return leaky_average(torch.sin(x), 10 * theta.abs(), impl="op", chunk_size=16).square().sum()
@@ -146,6 +147,8 @@ def test_bad_arguments_are_rejected():
         leaky_average(torch.zeros(1, 4, 4), torch.ones(2), impl="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="chunk_size"):
         scan_fwd(torch.zeros(1, 4, 4), torch.ones(2), True, chunk_size=24)
+    with pytest.raises(ValueError, match="from 16 to 64"):
+        scan_fwd(torch.zeros(1, 4, 4), torch.ones(2), True, chunk_size=128)
 
 
 def test_benchmark_tiny_runs_and_reports():

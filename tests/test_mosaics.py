@@ -147,6 +147,9 @@ def test_config_loads_and_builds_on_meta(path):
 def test_bad_model_config_names_the_key():
     with pytest.raises(ConfigError, match="model.leaky_chunk_size"):
         MosaicsArgs(leaky_chunk_size=48)
+    with pytest.raises(ConfigError, match="model.leaky_chunk_size=128: leaky_impl=op"):
+        MosaicsArgs(leaky_chunk_size=128)
+    assert MosaicsArgs(leaky_chunk_size=128, leaky_impl="chunked").leaky_chunk_size == 128
     with pytest.raises(ConfigError, match="model.dim"):
         MosaicsArgs(dim=100, n_heads=12)
 

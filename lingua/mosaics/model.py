@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lingua.args import ConfigError
 from lingua.distributed import ParallelPlan
 from lingua.mosaics.blocks import BlockState, FeatureKind, MemoryOptions, MosaicBlock
-from lingua.mosaics.leaky_average import LeakyForm, LeakyImpl
+from lingua.mosaics.leaky_average import MAX_CHUNK_SIZE, LeakyForm, LeakyImpl
 
 IGNORE_INDEX = -100  # target value that contributes no loss
 
@@ -46,7 +46,7 @@ class MosaicsArgs:
     weight_tying: bool = True  # the head reuses the embedding matrix
     leaky_form: LeakyForm = "ema"  # ema: the regular EMA; normalized: the public CUDA kernel's bias-corrected form
     leaky_impl: LeakyImpl = "op"  # op: custom op (Triton on GPU); chunked: torch scan; naive: T x T weights
-    leaky_chunk_size: int = 64  # time steps per chunk of the scan (a power of two >= 16)
+    leaky_chunk_size: int = 64  # time steps per chunk of the scan (a power of two; 16 to 64 with leaky_impl=op)
     kernel_beta_upbound: float = 5.0  # cap on 10 * kappa, the log key scale (the public fp16 guard)
     norm_eps: float = 1e-5  # LayerNorm epsilon
     l2_eps: float = 1e-6  # epsilon of the key and value L2 normalizations
@@ -77,6 +77,11 @@ class MosaicsArgs:
         chunk = self.leaky_chunk_size
         if chunk < 16 or chunk & (chunk - 1):
             raise ConfigError(f"model.leaky_chunk_size={chunk} must be a power of two >= 16 (e.g. 64)")
+        if self.leaky_impl == "op" and chunk > MAX_CHUNK_SIZE:
+            raise ConfigError(
+                f"model.leaky_chunk_size={chunk}: leaky_impl=op runs GPU kernels whose chunk is at most "
+                f"{MAX_CHUNK_SIZE}; use {MAX_CHUNK_SIZE}, or leaky_impl=chunked"
+            )
         if self.norm_eps <= 0 or self.l2_eps <= 0:
             raise ConfigError("model.norm_eps and model.l2_eps must be positive")
 

@@ -6,9 +6,10 @@ GPU kernels, op.py the `lingua::leaky_scan` custom op and the public `leaky_aver
 
 from lingua.mosaics.leaky_average.chunked import discounted_sum_chunked, scan_backward, scan_forward
 from lingua.mosaics.leaky_average.naive import discounted_sum_naive, leaky_average_naive, normalized_leaky_average_naive
-from lingua.mosaics.leaky_average.op import SCANS, LeakyForm, LeakyImpl, leaky_average, leaky_scan_op
+from lingua.mosaics.leaky_average.op import MAX_CHUNK_SIZE, SCANS, LeakyForm, LeakyImpl, leaky_average, leaky_scan_op
 
 __all__ = [
+    "MAX_CHUNK_SIZE",
     "SCANS",
     "LeakyForm",
     "LeakyImpl",

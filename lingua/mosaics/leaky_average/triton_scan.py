@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lingua.mosaics.leaky_average.op import MAX_CHUNK_SIZE
+
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -118,7 +120,8 @@ def _launch_config(x: Tensor, n_heads: int, chunk_size: int) -> dict:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     # The interpreter's bf16 dot is wrong: interpreted code multiplies in the accumulation dtype.
     dot_dtype = acc if (x.dtype != torch.bfloat16 or _interpreted()) else torch.bfloat16
-    block_c = min(64, max(16, triton.next_power_of_2(D)))
+    # fp64 tiles are twice as large: a 64-wide channel block would overflow shared memory (sm_90).
+    block_c = min(32 if acc == torch.float64 else 64, max(16, triton.next_power_of_2(D)))
     return {
         "acc": acc,
         "D": D,
@@ -133,8 +136,8 @@ def _launch_config(x: Tensor, n_heads: int, chunk_size: int) -> dict:
 def _check(x: Tensor, beta: Tensor, chunk_size: int) -> None:
     if x.ndim != 3 or beta.ndim != 1 or x.shape[-1] % beta.numel() != 0:
         raise ValueError(f"need x (B, T, C) and beta (H,) with C % H == 0, got {tuple(x.shape)} and {tuple(beta.shape)}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size={chunk_size} must be a power of two >= 16 for the Triton kernels")
+    if chunk_size < 16 or chunk_size > MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size={chunk_size} must be a power of two from 16 to {MAX_CHUNK_SIZE} for the Triton kernels")
 
 
 def _alloc(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype, fill_nan: bool) -> Tensor:

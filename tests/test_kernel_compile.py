@@ -1,0 +1,151 @@
+"""Every Triton kernel compiles for a Hopper GPU (sm_90) at the shapes its launcher picks, and fits
+the chip's shared memory.
+
+The interpreter runs kernels as numpy code and accepts some programs the compiler rejects (dot
+shapes, dtype mixes in loops, constexpr misuse), so the value tests alone do not prove a kernel
+builds. This test compiles each kernel ahead of time with Triton's own NVIDIA toolchain (ptxas
+ships with Triton); no GPU is needed. The test runs this file in a subprocess without
+TRITON_INTERPRET (kernels defined under the interpreter cannot be compiled); `compile_all()`
+prints one JSON line per kernel.
+
+    python tests/test_kernel_compile.py          # the same report by hand
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = 90  # H100 / H200
+SHARED_MEMORY_BYTES = 232_448  # per block on sm_90 (227 KiB)
+
+
+def _cases():
+    """(label, kernel, signature of runtime args, constexprs), the constexprs from the launchers."""
+    import torch
+
+    from lingua.mosaics.leaky_average import triton_scan
+    from lingua.product_key.embedding_bag import triton_bag
+    from lingua.product_key.zero_copy import kernels as zero_copy
+
+    triton_type = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):  # float64: the gradchecks
+        v = triton_type[dtype]
+        acc_torch, acc = triton_bag._acc_dtype(torch.empty(0, dtype=dtype, device="meta"))
+        a = triton_type[acc_torch]
+        for dim in (1024, 96):
+            block_d = triton_bag._block_d(dim)
+            yield (
+                f"bag forward {v} D={dim}",
+                triton_bag._bag_fwd_kernel,
+                {"V": f"*{v}", "IDX": "*i64", "W": f"*{a}", "OUT": f"*{v}", "L": "i32", "stride_v": "i32"},
+                {"D": dim, "ACC": acc, "BLOCK_L": triton_bag.FWD_BLOCK_L, "BLOCK_D": block_d},
+            )
+            for want_gv, want_gw in ((True, True), (True, False), (False, True)):
+                yield (
+                    f"bag backward {v} D={dim} value-grad={want_gv} score-grad={want_gw}",
+                    triton_bag._bag_bwd_kernel,
+                    {
+                        "V": f"*{v}", "W": f"*{a}", "GO": f"*{v}", "ROWS": "*i64", "STARTS": "*i64", "COUNTS": "*i64",
+                        "ORDER": "*i64", "GV": f"*{a}", "GW": f"*{a}", "L": "i32", "stride_v": "i32",
+                    },
+                    {
+                        "D": dim, "WANT_GV": want_gv, "WANT_GW": want_gw, "ACC": acc,
+                        "BLOCK_L": triton_bag.BWD_BLOCK_L, "BLOCK_D": block_d,
+                    },
+                )
+        if dtype == torch.float64:
+            continue
+        yield (
+            f"host-row gather {v}",
+            zero_copy._gather_rows_kernel,
+            {"SRC": f"*{v}", "ROWS": "*i64", "OUT": f"*{v}", "n_slots": "i32", "stride_src": "i64"},
+            {"D": 1024, "BLOCK_S": zero_copy.BLOCK_ROWS, "BLOCK_D": zero_copy._block_d(1024)},
+        )
+    for has_low in (True, False):
+        yield (
+            f"host-row scatter, bf16 copy={has_low}",
+            zero_copy._scatter_rows_kernel,
+            {
+                "DST": "*fp32", "LOW": "*bf16" if has_low else "*fp32", "ROWS": "*i64", "VALUES": "*fp32",
+                "n_rows": "i32", "stride_dst": "i64", "stride_low": "i64",
+            },
+            {"D": 1024, "HAS_LOW": has_low, "BLOCK_S": zero_copy.BLOCK_ROWS, "BLOCK_D": zero_copy._block_d(1024)},
+        )
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.empty(1, 1, 768, dtype=dtype, device="meta")
+        chunk = triton_scan.MAX_CHUNK_SIZE  # the largest tiles
+        cfg = triton_scan._launch_config(x, n_heads=12, chunk_size=chunk)
+        x_t, a = triton_type[dtype], triton_type[cfg["acc"]]
+        for ema in (True, False):
+            common = {
+                "C": 768, "D": cfg["D"], "EMA": ema, "BT": chunk, "BC": cfg["BC"],
+                "DOT_DTYPE": cfg["DOT_DTYPE"], "PRECISION": cfg["PRECISION"],
+            }
+            yield (
+                f"leaky scan forward {x_t} ema={ema}",
+                triton_scan._scan_fwd_kernel,
+                {"x_ptr": f"*{x_t}", "beta_ptr": f"*{a}", "y_ptr": f"*{x_t}", "states_ptr": f"*{a}", "T": "i32", "NT": "i32"},
+                common,
+            )
+            yield (
+                f"leaky scan backward {x_t} ema={ema}",
+                triton_scan._scan_bwd_kernel,
+                {
+                    "g_ptr": f"*{x_t}", "x_ptr": f"*{x_t}", "beta_ptr": f"*{a}", "states_ptr": f"*{a}",
+                    "dx_ptr": f"*{x_t}", "dbeta_ptr": f"*{a}", "T": "i32", "NT": "i32",
+                },
+                {**common, "NCB": cfg["NCB"]},
+            )
+
+
+def compile_all() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", ARCH, 32)
+    for label, kernel, runtime_args, constexprs in _cases():
+        signature = {name: "constexpr" if name in constexprs else runtime_args[name] for name in kernel.arg_names}
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target)
+            report = {"kernel": label, "ok": True, "shared": compiled.metadata.shared}
+        except Exception as error:  # noqa: BLE001 - reported, and the test fails on it
+            report = {"kernel": label, "ok": False, "error": f"{type(error).__name__}: {error}"[:4000]}
+        print(json.dumps(report), flush=True)
+
+
+def _nvidia_toolchain_present() -> bool:
+    try:
+        return importlib.util.find_spec("triton.backends.nvidia.compiler") is not None
+    except ImportError:  # no triton, or no triton.backends
+        return False
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_hopper() -> None:
+    if not _nvidia_toolchain_present():
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == len(list(_cases())), result.stdout  # every case reported
+    failed = [r for r in reports if not r["ok"]]
+    assert not failed, "\n".join(f"{r['kernel']}: {r['error']}" for r in failed)
+    too_big = [r for r in reports if r["shared"] > SHARED_MEMORY_BYTES]
+    assert not too_big, f"shared memory over {SHARED_MEMORY_BYTES} bytes: {too_big}"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    compile_all()
