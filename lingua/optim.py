@@ -247,6 +247,38 @@ def _index_write(tensor: Tensor, rows: Tensor, values: Tensor) -> None:
     tensor.index_copy_(0, rows, values.to(tensor.dtype))
 
 
+@dataclass
+class RowStep:
+    """One optimizer step of some rows of a table under a row rule (see `row_update_`)."""
+
+    rows: Tensor  # [U] unique row ids
+    grads: Tensor  # [U, ...] their gradients
+    row_a: Tensor  # [U] lazy Adam: 1 - beta1^t; rowwise Adagrad: sqrt(accumulator) + eps
+    row_b: Tensor | None  # [U] lazy Adam: sqrt(1 - beta2^t); rowwise Adagrad: None
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+
+
+def row_update_(p_rows: Tensor, m_rows: Tensor | None, v_rows: Tensor | None, step: RowStep) -> None:
+    """One step on gathered rows (p, m, v [U, ...]), in place:
+
+    rowwise Adagrad (no moments): p = (1 - lr wd) p - lr g / a;
+    lazy Adam: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
+               p = (1 - lr wd) p - lr (m / a) / (sqrt(v) / b + eps).
+    """
+    shape = (-1,) + (1,) * (p_rows.dim() - 1)
+    p_rows.mul_(1 - step.lr * step.weight_decay)
+    if m_rows is None or v_rows is None or step.row_b is None:
+        p_rows.addcdiv_(step.grads, step.row_a.view(shape), value=-step.lr)
+        return
+    beta1, beta2 = step.betas
+    m_rows.mul_(beta1).add_(step.grads, alpha=1 - beta1)
+    v_rows.mul_(beta2).addcmul_(step.grads, step.grads, value=1 - beta2)
+    p_rows.addcdiv_(m_rows / step.row_a.view(shape), (v_rows.sqrt() / step.row_b.view(shape)).add_(step.eps), value=-step.lr)
+
+
 class AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam over dense and row-sparse parameter groups.
 
@@ -398,24 +430,26 @@ class AdamW(torch.optim.Optimizer):
             denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
             return
-        shape = (-1,) + (1,) * (param.dim() - 1)
-        p_rows = read(param, rows)
-        p_rows = p_rows.to(torch.promote_types(p_rows.dtype, torch.float32)).mul_(1 - lr * weight_decay)
+        acc_dtype = torch.promote_types(param.dtype, torch.float32)
         if kind == "rowwise_adagrad":
-            sum_sq = read(state["row_sum_sq"], rows) + grad_rows.to(p_rows.dtype).pow(2).flatten(1).mean(dim=1)
+            sum_sq = read(state["row_sum_sq"], rows) + grad_rows.to(acc_dtype).pow(2).flatten(1).mean(dim=1)
             write(state["row_sum_sq"], rows, sum_sq)
-            p_rows.addcdiv_(grad_rows, (sum_sq.sqrt() + eps).view(shape), value=-lr)
+            moments, row_a, row_b = None, sum_sq.sqrt() + eps, None
         else:  # lazy: rows present this step only, each with its own bias correction.
             row_step = read(state["row_step"], rows) + 1
             write(state["row_step"], rows, row_step)
-            bias1 = (1 - beta1**row_step).view(shape)
-            bias2_sqrt = (1 - beta2**row_step).sqrt().view(shape)
-            m = read(state["exp_avg"], rows).mul_(beta1).add_(grad_rows, alpha=1 - beta1)
-            v = read(state["exp_avg_sq"], rows).mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
-            write(state["exp_avg"], rows, m)
-            write(state["exp_avg_sq"], rows, v)
-            p_rows.addcdiv_(m / bias1, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr)
-        write(param, rows, p_rows)
+            moments, row_a, row_b = (state["exp_avg"], state["exp_avg_sq"]), 1 - beta1**row_step, (1 - beta2**row_step).sqrt()
+        step = RowStep(rows, grad_rows, row_a, row_b, lr, weight_decay, (beta1, beta2), eps)
+        if host is not None:  # on CUDA one kernel reads, updates and writes each host row once
+            host.update(moments, step)
+        else:
+            p_rows = read(param, rows).to(acc_dtype)
+            m_rows, v_rows = (read(moments[0], rows), read(moments[1], rows)) if moments else (None, None)
+            row_update_(p_rows, m_rows, v_rows, step)
+            if moments:
+                write(moments[0], rows, m_rows)
+                write(moments[1], rows, v_rows)
+            write(param, rows, p_rows)
         if host is not None:
             host.sync()
 

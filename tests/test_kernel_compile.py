@@ -79,6 +79,17 @@ def _cases():
             },
             {"D": 1024, "HAS_LOW": has_low, "BLOCK_S": zero_copy.BLOCK_ROWS, "BLOCK_D": zero_copy._block_d(1024)},
         )
+    for adam, has_low in ((True, True), (True, False), (False, True)):
+        yield (
+            f"host-row update, {'lazy Adam' if adam else 'rowwise Adagrad'}, bf16 copy={has_low}",
+            zero_copy._update_rows_kernel,
+            {
+                "W": "*fp32", "LOW": "*bf16" if has_low else "*fp32", "M": "*fp32", "V": "*fp32", "ROWS": "*i64",
+                "G": "*fp32", "ROW_A": "*fp32", "ROW_B": "*fp32", "n_rows": "i32", "lr": "fp32", "decay": "fp32",
+                "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32",
+            },
+            {"D": 1024, "ADAM": adam, "HAS_LOW": has_low, "BLOCK_S": zero_copy.BLOCK_ROWS, "BLOCK_D": zero_copy._block_d(1024)},
+        )
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x = torch.empty(1, 1, 768, dtype=dtype, device="meta")
         chunk = triton_scan.MAX_CHUNK_SIZE  # the largest tiles

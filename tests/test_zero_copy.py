@@ -19,7 +19,7 @@ from apps.main.train import MODEL_SPEC, MainTrainArgs, check_host_memory
 from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, config_from_dict
 from lingua.checkpoint import consolidate, step_dirs
-from lingua.optim import AdamW, OptimArgs, build_optimizer, clip_grad_norm, grad_of
+from lingua.optim import AdamW, OptimArgs, RowStep, build_optimizer, clip_grad_norm, grad_of
 from lingua.product_key import ProductKeyArgs, ZeroCopyValues, memory_param_groups
 from lingua.product_key.embedding_bag import naive as bag_naive
 from lingua.product_key.embedding_bag import weighted_embedding_bag
@@ -64,6 +64,33 @@ def test_scatter_kernel_matches_reference(with_low_precision, dim):
     assert torch.equal(ours, table)
     if low is not None:
         assert_same(ours_low, low)
+
+
+@pytest.mark.parametrize("rule,with_low_precision", [("lazy", True), ("lazy", False), ("rowwise_adagrad", True)])
+def test_update_kernel_matches_reference(rule, with_low_precision):
+    """The fused row update (read, step, write each row once) against read + row_update_ + write."""
+    gen = torch.Generator().manual_seed(4)
+    table = torch.randn(60, 33, generator=gen)
+    moments = (torch.randn(60, 33, generator=gen) * 0.1, torch.rand(60, 33, generator=gen) * 0.1) if rule == "lazy" else None
+    low = table.to(torch.bfloat16) if with_low_precision else None
+    rows = torch.randperm(60, generator=gen)[:23]
+    grads = torch.randn(23, 33, generator=gen)
+    row_a = torch.rand(23, generator=gen) + 0.5
+    row_b = torch.rand(23, generator=gen) + 0.5 if rule == "lazy" else None
+    step = RowStep(rows, grads, row_a, row_b, lr=3e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    copies = [tuple(t.clone() for t in moments) if moments else None for _ in range(2)]
+    original = table.clone()
+    ours, ours_low = table.clone(), None if low is None else low.clone()
+    kernels.update_rows_triton(ours, ours_low, copies[0], step)
+    naive.update_rows(table, low, copies[1], step)
+    torch.testing.assert_close(ours, table, rtol=1e-6, atol=1e-7)
+    untouched = ~torch.isin(torch.arange(60), rows)
+    assert torch.equal(ours[untouched], original[untouched]) and (ours[rows] != original[rows]).all()
+    if moments:
+        for got, expected in zip(copies[0], copies[1]):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    if low is not None:
+        torch.testing.assert_close(ours_low, low, **BF16_ULP)
 
 
 def test_dedup_rows_without_host_sync_semantics():
@@ -310,7 +337,8 @@ def test_trained_model_loads_for_eval_with_the_table_in_host_memory(tmp_path: Pa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (UVA reads of host memory)")
-def test_gpu_reads_and_updates_the_host_table_over_uva():
+@pytest.mark.parametrize("row_update", ["lazy", "rowwise_adagrad"])
+def test_gpu_reads_and_updates_the_host_table_over_uva(row_update):
     gen = torch.Generator().manual_seed(5)
     table = torch.randn(4096, 96, generator=gen)
     rows = torch.randint(0, 4096, (64, 16), generator=gen).cuda()
@@ -325,10 +353,13 @@ def test_gpu_reads_and_updates_the_host_table_over_uva():
     reference.backward(grad_out)
     out.backward(grad_out)
     assert grad_of(values.weight).is_cuda
-    opt_device = AdamW([{"params": [device_table], "row_update": "lazy"}], weight_decay=0.0, fused=False, **HP)
-    opt_host = AdamW([{"params": [values.weight], "row_update": "lazy"}], weight_decay=0.0, fused=False, **HP)
+    opt_device = AdamW([{"params": [device_table], "row_update": row_update}], weight_decay=0.1, fused=False, **HP)
+    opt_host = AdamW([{"params": [values.weight], "row_update": row_update}], weight_decay=0.1, fused=False, **HP)
     opt_device.step()
-    opt_host.step()
+    opt_host.step()  # the fused row-update kernel, over UVA
     torch.cuda.synchronize()
     torch.testing.assert_close(values.weight.detach(), device_table.detach().cpu(), rtol=1e-6, atol=1e-6)
-    assert values.weight.device.type == "cpu" and opt_host.state[values.weight]["exp_avg"].device.type == "cpu"
+    for key, state in opt_device.state[device_table].items():
+        torch.testing.assert_close(opt_host.state[values.weight][key], state.cpu(), rtol=1e-6, atol=1e-7, msg=key)
+        assert key == "step" or opt_host.state[values.weight][key].device.type == "cpu"
+    assert values.weight.device.type == "cpu"

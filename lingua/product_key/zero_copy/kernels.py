@@ -7,9 +7,12 @@ loads and stores cross PCIe directly: no CPU-side indexing, no staging copy, no 
 
     gather:  out[s] = table[rows[s]]   (rows[s] < 0: zeros)   one program per (slot block, column block)
     scatter: table[rows[u]] = values[u] (+ a bf16 copy of the table, rounded once)
+    update:  one optimizer step of rows[u] (lazy Adam or rowwise Adagrad, see lingua.optim.row_update_):
+             each program reads its rows of the table (and moments) once and writes them once, so
+             the reads and the writes cross PCIe at the same time, in opposite directions
 
-`gather_rows` / `scatter_rows` dispatch: CUDA compute device -> these kernels; otherwise the torch
-reference in `naive.py`. Shapes: S slots, R table rows, D row width, U rows written.
+`gather_rows` / `scatter_rows` / `update_rows` dispatch: CUDA compute device -> these kernels;
+otherwise the torch reference in `naive.py`. Shapes: S slots, R table rows, D row width, U rows.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lingua.optim import RowStep
 from lingua.product_key.zero_copy import naive
 
 BLOCK_ROWS = 16  # slots per program
@@ -81,6 +85,53 @@ def _scatter_rows_kernel(
         tl.store(LOW + rows[:, None] * stride_low + offs_d[None, :], values.to(LOW.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["n_rows", "lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps"])
+def _update_rows_kernel(
+    W,  # [R, D] fp32 table (host memory over UVA, or device memory), contiguous
+    LOW,  # [R, D] low-precision copy (written only when HAS_LOW)
+    M,  # [R, D] fp32 first moments (used only when ADAM)
+    V,  # [R, D] fp32 second moments (used only when ADAM)
+    ROWS,  # [U] unique row ids
+    G,  # [U, D] row gradients on the device
+    ROW_A,  # [U] fp32: Adam: 1 - beta1^t; Adagrad: sqrt(accumulator) + eps
+    ROW_B,  # [U] fp32: Adam: sqrt(1 - beta2^t) (read only when ADAM)
+    n_rows,
+    lr,
+    decay,  # 1 - lr * weight_decay
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    D: tl.constexpr,
+    ADAM: tl.constexpr,
+    HAS_LOW: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_range = slots < n_rows
+    rows = tl.load(ROWS + slots, mask=in_range, other=0).to(tl.int64)
+    mask = in_range[:, None] & (offs_d < D)[None, :]
+    at = rows[:, None] * D + offs_d[None, :]
+    g = tl.load(G + slots[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(ROW_A + slots, mask=in_range, other=1.0)[:, None]
+    p = tl.load(W + at, mask=mask, other=0.0) * decay
+    if ADAM:
+        m = tl.load(M + at, mask=mask, other=0.0) * beta1 + g * one_minus_beta1
+        v = tl.load(V + at, mask=mask, other=0.0) * beta2 + one_minus_beta2 * g * g
+        tl.store(M + at, m, mask=mask)
+        tl.store(V + at, v, mask=mask)
+        b = tl.load(ROW_B + slots, mask=in_range, other=1.0)[:, None]
+        p = p - lr * tl.div_rn(tl.div_rn(m, a), tl.div_rn(tl.sqrt_rn(v), b) + eps)
+    else:
+        p = p - lr * tl.div_rn(g, a)
+    tl.store(W + at, p, mask=mask)
+    if HAS_LOW:
+        tl.store(LOW + at, p.to(LOW.dtype.element_ty), mask=mask)
+
+
 def _block_d(dim: int) -> int:
     return min(triton.next_power_of_2(dim), 128)
 
@@ -129,6 +180,32 @@ def scatter_rows_triton(table_RD: Tensor, rows_U: Tensor, values_UD: Tensor, low
     )
 
 
+def update_rows_triton(table_RD: Tensor, low_precision_RD: Tensor | None, moments: tuple[Tensor, Tensor] | None, step: RowStep) -> None:
+    """The Triton row update (see module docstring and `naive.update_rows`); fp32 tables."""
+    tables = [table_RD, *(moments or ())] + ([low_precision_RD] if low_precision_RD is not None else [])
+    if any(t.dim() != 2 or not t.is_contiguous() or t.shape != table_RD.shape for t in tables):
+        raise ValueError(f"update_rows: the tables must be contiguous and shaped like the weight {tuple(table_RD.shape)}")
+    if any(t.dtype != torch.float32 for t in [table_RD, *(moments or ())]):
+        raise ValueError("update_rows: the table and its moments must be fp32")
+    n_rows, dim = step.rows.numel(), table_RD.shape[1]
+    if n_rows == 0 or dim == 0:
+        return
+    device = step.rows.device
+    block_d = _block_d(dim)
+    grid = (triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(dim, block_d))
+    first, second = moments if moments else (table_RD, table_RD)
+    low = low_precision_RD if low_precision_RD is not None else table_RD
+    beta1, beta2 = step.betas
+    row_a = step.row_a.to(torch.float32).contiguous()
+    row_b = step.row_b.to(torch.float32).contiguous() if step.row_b is not None else row_a
+    _update_rows_kernel[grid](
+        _kernel_arg(table_RD, device), _kernel_arg(low, device), _kernel_arg(first, device), _kernel_arg(second, device),
+        step.rows, step.grads.reshape(n_rows, dim).contiguous(), row_a, row_b, n_rows,
+        step.lr, 1 - step.lr * step.weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, step.eps,
+        D=dim, ADAM=moments is not None, HAS_LOW=low_precision_RD is not None, BLOCK_S=BLOCK_ROWS, BLOCK_D=block_d,
+    )
+
+
 def gather_rows(table_RD: Tensor, rows_S: Tensor, out_dtype: torch.dtype) -> Tensor:
     """Rows of a (host or device) table onto rows' device: the kernel for CUDA rows, torch otherwise."""
     if rows_S.is_cuda:
@@ -142,3 +219,10 @@ def scatter_rows(table_RD: Tensor, rows_U: Tensor, values_UD: Tensor, low_precis
         scatter_rows_triton(table_RD, rows_U, values_UD, low_precision_RD)
     else:
         naive.scatter_rows(table_RD, rows_U, values_UD, low_precision_RD)
+
+
+def update_rows(table_RD: Tensor, low_precision_RD: Tensor | None, moments: tuple[Tensor, Tensor] | None, step: RowStep) -> None:
+    """One optimizer step of rows of a (host or device) table: the kernel for CUDA rows and fp32
+    tables, torch otherwise (see `naive.update_rows`)."""
+    on_gpu = step.rows.is_cuda and table_RD.dtype == torch.float32
+    (update_rows_triton if on_gpu else naive.update_rows)(table_RD, low_precision_RD, moments, step)

@@ -24,9 +24,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lingua.optim import RowStep
 from lingua.product_key.embedding_bag import Backend, weighted_embedding_bag
 from lingua.product_key.zero_copy.host import HostMemory, check_host_capacity
-from lingua.product_key.zero_copy.kernels import gather_rows, scatter_rows
+from lingua.product_key.zero_copy.kernels import gather_rows, scatter_rows, update_rows
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,13 @@ class HostRows:
         table = tensor.view(tensor.shape[0], -1)
         low = self.low_precision if tensor is self.weight and self.low_precision is not None else None
         scatter_rows(table, rows_U, values.reshape(rows_U.numel(), -1), low)
+
+    def update(self, moments: tuple[Tensor, Tensor] | None, step: RowStep) -> None:
+        """One optimizer step of the weight's rows (and its moments, when given) where they live,
+        from the update device: on CUDA one kernel reads and writes each row once over UVA."""
+        table = self.weight.view(self.weight.shape[0], -1)
+        moments = (moments[0].view(table.shape), moments[1].view(table.shape)) if moments else None
+        update_rows(table, self.low_precision, moments, step)
 
     def sync(self) -> None:
         """Wait until every rank of the node finished writing its rows (before the next read)."""
