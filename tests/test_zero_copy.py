@@ -1,7 +1,7 @@
-"""Zero-copy values: the row-transfer kernels (Triton interpreter) against their torch reference;
-the zero-copy table against a table on the compute device (outputs, both gradients, updated rows,
-untouched rows and state bit-identical); device moves leave the table in host memory; an exact
-checkpoint round trip; the configuration checks."""
+"""Zero-copy values: the row kernels (Triton interpreter on CPU, compiled on a GPU) against their
+torch reference; the zero-copy table against a table on the compute device (outputs, both
+gradients, updated rows, untouched rows and state bit-identical); device moves leave the table in
+host memory; an exact checkpoint round trip; the configuration checks."""
 
 from __future__ import annotations
 
@@ -40,11 +40,12 @@ def assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dim", [37, 1])  # 1: per-row optimizer state
-def test_gather_kernel_matches_reference(dim):
+def test_gather_kernel_matches_reference(dim, device):
     gen = torch.Generator().manual_seed(0)
-    table = torch.randn(50, dim, generator=gen)
+    table = torch.randn(50, dim, generator=gen).to(device)
     rows = torch.randint(0, 50, (41,), generator=gen)
     rows[::4] = -1  # empty slots give zeros
+    rows = rows.to(device)
     for out_dtype in (torch.float32, torch.bfloat16):
         assert_same(kernels.gather_rows_triton(table, rows, out_dtype), naive.gather_rows(table, rows, out_dtype))
     low = table.to(torch.bfloat16)
@@ -52,11 +53,11 @@ def test_gather_kernel_matches_reference(dim):
 
 
 @pytest.mark.parametrize("with_low_precision,dim", [(False, 21), (True, 21), (False, 1)])
-def test_scatter_kernel_matches_reference(with_low_precision, dim):
+def test_scatter_kernel_matches_reference(with_low_precision, dim, device):
     gen = torch.Generator().manual_seed(1)
-    table = torch.randn(40, dim, generator=gen)
-    rows = torch.randperm(40, generator=gen)[:19]
-    values = torch.randn(19, dim, generator=gen)
+    table = torch.randn(40, dim, generator=gen).to(device)
+    rows = torch.randperm(40, generator=gen)[:19].to(device)
+    values = torch.randn(19, dim, generator=gen).to(device)
     low = table.to(torch.bfloat16) if with_low_precision else None
     ours, ours_low = table.clone(), None if low is None else low.clone()
     kernels.scatter_rows_triton(ours, rows, values, ours_low)
@@ -67,16 +68,17 @@ def test_scatter_kernel_matches_reference(with_low_precision, dim):
 
 
 @pytest.mark.parametrize("rule,with_low_precision", [("lazy", True), ("lazy", False), ("rowwise_adagrad", True)])
-def test_update_kernel_matches_reference(rule, with_low_precision):
+def test_update_kernel_matches_reference(rule, with_low_precision, device):
     """The fused row update (read, step, write each row once) against read + row_update_ + write."""
     gen = torch.Generator().manual_seed(4)
-    table = torch.randn(60, 33, generator=gen)
+    table = torch.randn(60, 33, generator=gen).to(device)
     moments = (torch.randn(60, 33, generator=gen) * 0.1, torch.rand(60, 33, generator=gen) * 0.1) if rule == "lazy" else None
+    moments = tuple(m.to(device) for m in moments) if moments else None
     low = table.to(torch.bfloat16) if with_low_precision else None
-    rows = torch.randperm(60, generator=gen)[:23]
-    grads = torch.randn(23, 33, generator=gen)
-    row_a = torch.rand(23, generator=gen) + 0.5
-    row_b = torch.rand(23, generator=gen) + 0.5 if rule == "lazy" else None
+    rows = torch.randperm(60, generator=gen)[:23].to(device)
+    grads = torch.randn(23, 33, generator=gen).to(device)
+    row_a = (torch.rand(23, generator=gen) + 0.5).to(device)
+    row_b = (torch.rand(23, generator=gen) + 0.5).to(device) if rule == "lazy" else None
     step = RowStep(rows, grads, row_a, row_b, lr=3e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     copies = [tuple(t.clone() for t in moments) if moments else None for _ in range(2)]
     original = table.clone()
@@ -84,7 +86,7 @@ def test_update_kernel_matches_reference(rule, with_low_precision):
     kernels.update_rows_triton(ours, ours_low, copies[0], step)
     naive.update_rows(table, low, copies[1], step)
     torch.testing.assert_close(ours, table, rtol=1e-6, atol=1e-7)
-    untouched = ~torch.isin(torch.arange(60), rows)
+    untouched = ~torch.isin(torch.arange(60, device=device), rows)
     assert torch.equal(ours[untouched], original[untouched]) and (ours[rows] != original[rows]).all()
     if moments:
         for got, expected in zip(copies[0], copies[1]):
@@ -116,22 +118,23 @@ def zero_copy_table(table: torch.Tensor, **kwargs) -> ZeroCopyValues:
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("transfer", ["fp32", "bf16"])
-def test_zero_copy_bag_matches_device_table(backend, transfer):
+def test_zero_copy_bag_matches_device_table(backend, transfer, device):
     gen = torch.Generator().manual_seed(2)
     table = torch.randn(64, 24, generator=gen)
     rows = torch.randint(0, 64, (9, 10), generator=gen)
     rows[:, 0] = 5  # a hot row
-    weights = torch.rand(9, 10, generator=gen).requires_grad_()
-    device_table = nn.Parameter(table.clone())
+    rows = rows.to(device)
+    weights = torch.rand(9, 10, generator=gen).to(device).requires_grad_()
+    device_table = nn.Parameter(table.to(device))
     reference = weighted_embedding_bag(device_table, rows, weights, backend)
-    grad_out = torch.randn(reference.shape, generator=gen)
+    grad_out = torch.randn(reference.shape, generator=gen).to(device)
     reference.backward(grad_out)
     reference_weights_grad = weights.grad.clone()
     weights.grad = None
     values = zero_copy_table(table, transfer=transfer)
     out = values.bag(rows, weights, backend)
     out.backward(grad_out)
-    tol = dict(rtol=0, atol=1e-6) if transfer == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    tol = dict(rtol=1e-6, atol=1e-6) if transfer == "fp32" else dict(rtol=2e-2, atol=2e-2)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, reference, **tol)
     torch.testing.assert_close(weights.grad, reference_weights_grad, **tol)
