@@ -1,5 +1,5 @@
-"""Every Triton kernel compiles for a Hopper GPU (sm_90) at the shapes its launcher picks, and fits
-the chip's shared memory.
+"""Every Triton kernel compiles for Hopper (sm_90) and Ampere (sm_80) GPUs at the shapes its
+launcher picks, and fits the chip's shared memory.
 
 The interpreter runs kernels as numpy code and accepts some programs the compiler rejects (dot
 shapes, dtype mixes in loops, constexpr misuse), so the value tests alone do not prove a kernel
@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ARCH = 90  # H100 / H200
-SHARED_MEMORY_BYTES = 232_448  # per block on sm_90 (227 KiB)
+SHARED_MEMORY_BYTES = {90: 232_448, 80: 166_912}  # per block: H100 / H200 (227 KiB), A100 (163 KiB)
 
 
 def _cases():
@@ -122,15 +121,17 @@ def compile_all() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", ARCH, 32)
-    for label, kernel, runtime_args, constexprs in _cases():
-        signature = {name: "constexpr" if name in constexprs else runtime_args[name] for name in kernel.arg_names}
-        try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target)
-            report = {"kernel": label, "ok": True, "shared": compiled.metadata.shared}
-        except Exception as error:  # noqa: BLE001 - reported, and the test fails on it
-            report = {"kernel": label, "ok": False, "error": f"{type(error).__name__}: {error}"[:4000]}
-        print(json.dumps(report), flush=True)
+    for arch in SHARED_MEMORY_BYTES:
+        target = GPUTarget("cuda", arch, 32)
+        for label, kernel, runtime_args, constexprs in _cases():
+            signature = {name: "constexpr" if name in constexprs else runtime_args[name] for name in kernel.arg_names}
+            report = {"kernel": label, "arch": arch}
+            try:
+                compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target)
+                report.update(ok=True, shared=compiled.metadata.shared)
+            except Exception as error:  # noqa: BLE001 - reported, and the test fails on it
+                report.update(ok=False, error=f"{type(error).__name__}: {error}"[:4000])
+            print(json.dumps(report), flush=True)
 
 
 def _nvidia_toolchain_present() -> bool:
@@ -141,7 +142,7 @@ def _nvidia_toolchain_present() -> bool:
 
 
 @pytest.mark.slow
-def test_every_kernel_compiles_for_hopper() -> None:
+def test_every_kernel_compiles_for_hopper_and_ampere() -> None:
     if not _nvidia_toolchain_present():
         pytest.skip("this Triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -150,11 +151,11 @@ def test_every_kernel_compiles_for_hopper() -> None:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == len(list(_cases())), result.stdout  # every case reported
+    assert len(reports) == len(SHARED_MEMORY_BYTES) * len(list(_cases())), result.stdout  # every case reported
     failed = [r for r in reports if not r["ok"]]
-    assert not failed, "\n".join(f"{r['kernel']}: {r['error']}" for r in failed)
-    too_big = [r for r in reports if r["shared"] > SHARED_MEMORY_BYTES]
-    assert not too_big, f"shared memory over {SHARED_MEMORY_BYTES} bytes: {too_big}"
+    assert not failed, "\n".join(f"sm_{r['arch']} {r['kernel']}: {r['error']}" for r in failed)
+    too_big = [r for r in reports if r["shared"] > SHARED_MEMORY_BYTES[r["arch"]]]
+    assert not too_big, f"over the shared memory of a block: {too_big}"
 
 
 if __name__ == "__main__":

@@ -120,8 +120,8 @@ def _launch_config(x: Tensor, n_heads: int, chunk_size: int) -> dict:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     # The interpreter's bf16 dot is wrong: interpreted code multiplies in the accumulation dtype.
     dot_dtype = acc if (x.dtype != torch.bfloat16 or _interpreted()) else torch.bfloat16
-    # fp64 tiles are twice as large: a 64-wide channel block would overflow shared memory (sm_90).
-    block_c = min(32 if acc == torch.float64 else 64, max(16, triton.next_power_of_2(D)))
+    # fp64 tiles are twice as large: wider channel blocks overflow shared memory (sm_80: 163 KiB).
+    block_c = min(16 if acc == torch.float64 else 64, max(16, triton.next_power_of_2(D)))
     return {
         "acc": acc,
         "D": D,
