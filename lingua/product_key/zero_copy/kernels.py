@@ -60,6 +60,18 @@ def _gather_rows_kernel(
     tl.store(OUT + slots[:, None] * D + offs_d[None, :], values.to(OUT.dtype.element_ty), mask=in_range[:, None] & mask_d[None, :])
 
 
+@triton.jit
+def _row_block(ROWS, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's block of a row list: slots [BS] (int64), columns [BD], the slots in range,
+    their row ids (int64; 0 out of range) and the [BS, BD] mask of valid elements."""
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_range = slots < n_rows
+    rows = tl.load(ROWS + slots, mask=in_range, other=0).to(tl.int64)
+    mask = in_range[:, None] & (offs_d < D)[None, :]
+    return slots, offs_d, in_range, rows, mask
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _scatter_rows_kernel(
     DST,  # [R, D] table
@@ -74,11 +86,7 @@ def _scatter_rows_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_range = slots < n_rows
-    rows = tl.load(ROWS + slots, mask=in_range, other=0).to(tl.int64)
-    mask = in_range[:, None] & (offs_d < D)[None, :]
+    slots, offs_d, in_range, rows, mask = _row_block(ROWS, n_rows, D, BLOCK_S, BLOCK_D)
     values = tl.load(VALUES + slots[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     tl.store(DST + rows[:, None] * stride_dst + offs_d[None, :], values.to(DST.dtype.element_ty), mask=mask)
     if HAS_LOW:
@@ -109,11 +117,7 @@ def _update_rows_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_range = slots < n_rows
-    rows = tl.load(ROWS + slots, mask=in_range, other=0).to(tl.int64)
-    mask = in_range[:, None] & (offs_d < D)[None, :]
+    slots, offs_d, in_range, rows, mask = _row_block(ROWS, n_rows, D, BLOCK_S, BLOCK_D)
     at = rows[:, None] * D + offs_d[None, :]
     g = tl.load(G + slots[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     a = tl.load(ROW_A + slots, mask=in_range, other=1.0)[:, None]
