@@ -114,6 +114,16 @@ def test_gradcheck_float64(backend, device):
     assert torch.autograd.gradcheck(fn, (values, weights), eps=1e-6, atol=1e-8, fast_mode=backend == "triton")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("n_bags,bag_len", [(0, 4), (3, 0)])
+def test_empty_bags(backend, n_bags, bag_len, device):
+    values, indices, weights = make_inputs(10, 6, n_bags, bag_len, device=device)
+    out = weighted_embedding_bag(values, indices, weights, backend)
+    out.sum().backward()
+    assert out.shape == (n_bags, 6) and not out.any()
+    assert values.grad._nnz() == 0 and weights.grad.shape == (n_bags, bag_len)
+
+
 def test_argument_checks():
     values, indices, weights = make_inputs(10, 4, 3, 2)
     with pytest.raises(ValueError, match="expected values"):

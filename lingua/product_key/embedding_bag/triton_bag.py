@@ -7,8 +7,9 @@ the N*L (bag, entry) pairs are sorted by row; one program per unique row walks t
 summing weights * grad_out into the row's gradient and writing each entry's score gradient
 <grad_out[n], values[row]> (the row is read once per 16 entries, not once per entry). No atomics,
 so the result is deterministic, and the value gradient is a coalesced sparse COO tensor of the U
-touched rows: a dense [K, D] gradient is never built. CUDA tensors take the kernels, CPU tensors the
-torch reference in `naive.py` (the tests run the kernels on CPU through the Triton interpreter).
+touched rows: a dense [K, D] gradient is never built. CUDA tensors take the kernels, CPU tensors
+torch's embedding bag forward and the sparse-matrix backward of `sparse_cpu.py`; `naive.py` is the
+readable reference of both (the tests run the kernels on CPU through the Triton interpreter).
 Shapes: N bags, L entries per bag, K table rows, D row width, U unique rows.
 """
 
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lingua.product_key.embedding_bag import naive
+from lingua.product_key.embedding_bag import naive, sparse_cpu
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -168,7 +169,7 @@ class WeightedBagFunction(torch.autograd.Function):
         with torch.autocast(values_KD.device.type, enabled=False):
             if _use_triton(values_KD, backend):
                 return _fwd(values_KD, indices_NL, weights_NL)
-            if values_KD.dtype == torch.float64:
+            if values_KD.dtype == torch.float64 or indices_NL.shape[1] == 0:  # embedding_bag refuses empty bags
                 return naive.weighted_bag_forward(values_KD, indices_NL, weights_NL)
             return F.embedding_bag(indices_NL, values_KD, per_sample_weights=weights_NL.to(values_KD.dtype), mode="sum")
 
@@ -182,7 +183,8 @@ class WeightedBagFunction(torch.autograd.Function):
         if _use_triton(values_KD, ctx.backend):
             rows_U, grad_rows_UD, grad_weights_NL = _bwd(values_KD, indices_NL, weights_NL, grad_out_ND, want_gv, want_gw)
         else:
-            rows_U, grad_rows_UD, grad_weights_NL = naive.weighted_bag_backward(values_KD, indices_NL, weights_NL, grad_out_ND)
+            torch_backward = sparse_cpu.weighted_bag_backward if values_KD.device.type == "cpu" else naive.weighted_bag_backward
+            rows_U, grad_rows_UD, grad_weights_NL = torch_backward(values_KD, indices_NL, weights_NL, grad_out_ND)
         grad_values = None
         if want_gv:
             grad_values = torch.sparse_coo_tensor(
