@@ -5,6 +5,7 @@ host memory; an exact checkpoint round trip; the configuration checks."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -314,6 +315,17 @@ def test_parallel_fill_depends_on_the_seed_only():
     b = host.fill_normal_(torch.empty(3 * host.FILL_CHUNK // 2), 0.5, seed=11, threads=2)
     assert torch.equal(a, b)
     assert abs(a.std().item() - 0.5) < 0.01
+
+
+def test_host_tensors_own_their_pages():
+    """Page-locking works on whole pages: each host tensor starts on a page and shares none."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    memory = host.HostMemory()
+    tensors = [memory.zeros(shape, dtype) for shape, dtype in [((7, 3), torch.float32), ((5,), torch.float32), ((2, 9), torch.bfloat16), ((0,), torch.float32)]]
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+    assert all(start % page == 0 for start, _ in spans)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    assert all(t.eq(0).all() and t.is_contiguous() for t in tensors) and tensors[2].dtype == torch.bfloat16
 
 
 def test_trained_model_loads_for_eval_with_the_table_in_host_memory(tmp_path: Path):

@@ -58,19 +58,32 @@ def check_host_capacity(needed_bytes: int, what: str, shared: bool = False) -> N
         )
 
 
-def _register_with_cuda(tensor: Tensor) -> int:
-    """Page-lock and device-map `tensor`; returns the pointer to unregister."""
-    pointer, size = tensor.data_ptr(), tensor.untyped_storage().nbytes()
+def _page_aligned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Zeros starting on a page boundary, in pages no other tensor uses: the driver page-locks whole
+    pages, and a page holding parts of two registered tensors cannot be registered twice."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    n_bytes = math.prod(shape) * dtype.itemsize
+    raw = torch.zeros(math.ceil(n_bytes / page) * page + page, dtype=torch.uint8)
+    start = -raw.data_ptr() % page
+    return raw[start : start + n_bytes].view(dtype).view(shape)
+
+
+def _register_with_cuda(tensor: Tensor) -> int | None:
+    """Page-lock and device-map `tensor`; returns the pointer to unregister (None when empty)."""
+    pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    if size == 0:
+        return None
     status = torch.cuda.cudart().cudaHostRegister(pointer, size, CUDA_HOST_REGISTER_PORTABLE_MAPPED)
     if int(status) != 0:
         raise RuntimeError(f"cannot page-lock {size / 2**30:.1f} GiB of host memory for the GPU (cudaHostRegister error {int(status)})")
     return pointer
 
 
-def _unregister(pointers: list[int], tensors: list[Tensor]) -> None:
+def _unregister(pointers: list[int | None], tensors: list[Tensor]) -> None:
     """Unpin, then let the tensors go (they are held until now so their memory stays valid)."""
     for pointer in pointers:
-        torch.cuda.cudart().cudaHostUnregister(pointer)
+        if pointer is not None:
+            torch.cuda.cudart().cudaHostUnregister(pointer)
     tensors.clear()
 
 
@@ -106,7 +119,7 @@ class HostMemory:
         self._token = uuid.uuid4().hex
         self._count = 0
         self._pinned: list[Tensor] = []  # registered tensors, unpinned when this allocator goes away
-        self._pointers: list[int] = []
+        self._pointers: list[int | None] = []
         if self.pin:
             weakref.finalize(self, _unregister, self._pointers, self._pinned)
         if share_with_node and dist.is_initialized() and dist.get_world_size() > 1:
@@ -135,7 +148,7 @@ class HostMemory:
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         """A zero-filled host tensor (shared by the node's ranks when there are several)."""
         if not self.shared:
-            tensor = torch.zeros(shape, dtype=dtype)
+            tensor = _page_aligned_zeros(shape, dtype)
         else:
             self._count += 1
             path = os.path.join(SHM_DIR, f"lingua-{self._token}-{self._count}")
