@@ -279,6 +279,19 @@ def row_update_(p_rows: Tensor, m_rows: Tensor | None, v_rows: Tensor | None, st
     p_rows.addcdiv_(m_rows / step.row_a.view(shape), (v_rows.sqrt() / step.row_b.view(shape)).add_(step.eps), value=-step.lr)
 
 
+def update_rows_(table: Tensor, moments: tuple[Tensor, Tensor] | None, step: RowStep) -> Tensor:
+    """`row_update_` applied in place to rows step.rows of `table` (and of the moments, when given),
+    read and written by index; returns the updated rows in the accumulation dtype."""
+    p_rows = table.index_select(0, step.rows).to(torch.promote_types(table.dtype, torch.float32))
+    m_rows, v_rows = (moments[0].index_select(0, step.rows), moments[1].index_select(0, step.rows)) if moments else (None, None)
+    row_update_(p_rows, m_rows, v_rows, step)
+    if moments:
+        moments[0].index_copy_(0, step.rows, m_rows)
+        moments[1].index_copy_(0, step.rows, v_rows)
+    table.index_copy_(0, step.rows, p_rows.to(table.dtype))
+    return p_rows
+
+
 class AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam over dense and row-sparse parameter groups.
 
@@ -440,17 +453,10 @@ class AdamW(torch.optim.Optimizer):
             write(state["row_step"], rows, row_step)
             moments, row_a, row_b = (state["exp_avg"], state["exp_avg_sq"]), 1 - beta1**row_step, (1 - beta2**row_step).sqrt()
         step = RowStep(rows, grad_rows, row_a, row_b, lr, weight_decay, (beta1, beta2), eps)
-        if host is not None:  # on CUDA one kernel reads, updates and writes each host row once
+        if host is None:
+            update_rows_(param, moments, step)
+        else:  # on CUDA one kernel reads, updates and writes each host row once
             host.update(moments, step)
-        else:
-            p_rows = read(param, rows).to(acc_dtype)
-            m_rows, v_rows = (read(moments[0], rows), read(moments[1], rows)) if moments else (None, None)
-            row_update_(p_rows, m_rows, v_rows, step)
-            if moments:
-                write(moments[0], rows, m_rows)
-                write(moments[1], rows, v_rows)
-            write(param, rows, p_rows)
-        if host is not None:
             host.sync()
 
 

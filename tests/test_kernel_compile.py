@@ -68,16 +68,12 @@ def _cases():
             {"SRC": f"*{v}", "ROWS": "*i64", "OUT": f"*{v}", "n_slots": "i32", "stride_src": "i64"},
             {"D": 1024, "BLOCK_S": zero_copy.BLOCK_ROWS, "BLOCK_D": zero_copy._block_d(1024)},
         )
-    for has_low in (True, False):
-        yield (
-            f"host-row scatter, bf16 copy={has_low}",
-            zero_copy._scatter_rows_kernel,
-            {
-                "DST": "*fp32", "LOW": "*bf16" if has_low else "*fp32", "ROWS": "*i64", "VALUES": "*fp32",
-                "n_rows": "i32", "stride_dst": "i64", "stride_low": "i64",
-            },
-            {"D": 1024, "HAS_LOW": has_low, "BLOCK_S": zero_copy.BLOCK_ROWS, "BLOCK_D": zero_copy._block_d(1024)},
-        )
+    yield (
+        "host-row scatter",
+        zero_copy._scatter_rows_kernel,
+        {"DST": "*fp32", "ROWS": "*i64", "VALUES": "*fp32", "n_rows": "i32", "stride_dst": "i64"},
+        {"D": 1024, "BLOCK_S": zero_copy.BLOCK_ROWS, "BLOCK_D": zero_copy._block_d(1024)},
+    )
     for adam, has_low in ((True, True), (True, False), (False, True)):
         yield (
             f"host-row update, {'lazy Adam' if adam else 'rowwise Adagrad'}, bf16 copy={has_low}",

@@ -8,7 +8,8 @@ table: out = A V. Its gradients are two sparse products that never gather an [N,
                                                             A's entries (torch.sparse.sampled_addmm)
 
 Same results as `naive.weighted_bag_backward` (the tests compare them), 3x to 7x faster on two CPU
-cores (2048 to 4096 bags of 32 to 128 entries, rows of 128 to 512). Shapes: N bags, L entries per bag, K table rows, D row width, U rows.
+cores (2048 to 4096 bags of 32 to 128 entries, rows of 128 to 512).
+Shapes: N bags, L entries per bag, K table rows, D row width, U unique rows.
 """
 
 from __future__ import annotations

@@ -68,22 +68,19 @@ def _page_aligned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return raw[start : start + n_bytes].view(dtype).view(shape)
 
 
-def _register_with_cuda(tensor: Tensor) -> int | None:
-    """Page-lock and device-map `tensor`; returns the pointer to unregister (None when empty)."""
+def _register_with_cuda(tensor: Tensor) -> int:
+    """Page-lock and device-map `tensor` (not empty); returns the pointer to unregister."""
     pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-    if size == 0:
-        return None
     status = torch.cuda.cudart().cudaHostRegister(pointer, size, CUDA_HOST_REGISTER_PORTABLE_MAPPED)
     if int(status) != 0:
         raise RuntimeError(f"cannot page-lock {size / 2**30:.1f} GiB of host memory for the GPU (cudaHostRegister error {int(status)})")
     return pointer
 
 
-def _unregister(pointers: list[int | None], tensors: list[Tensor]) -> None:
+def _unregister(pointers: list[int], tensors: list[Tensor]) -> None:
     """Unpin, then let the tensors go (they are held until now so their memory stays valid)."""
     for pointer in pointers:
-        if pointer is not None:
-            torch.cuda.cudart().cudaHostUnregister(pointer)
+        torch.cuda.cudart().cudaHostUnregister(pointer)
     tensors.clear()
 
 
@@ -119,7 +116,7 @@ class HostMemory:
         self._token = uuid.uuid4().hex
         self._count = 0
         self._pinned: list[Tensor] = []  # registered tensors, unpinned when this allocator goes away
-        self._pointers: list[int | None] = []
+        self._pointers: list[int] = []
         if self.pin:
             weakref.finalize(self, _unregister, self._pointers, self._pinned)
         if share_with_node and dist.is_initialized() and dist.get_world_size() > 1:
@@ -162,7 +159,7 @@ class HostMemory:
             if self.local_rank == 0:
                 os.unlink(path)  # the mappings stay; nothing is left behind if a rank dies
             tensor = tensor.view(shape)
-        if self.pin:
+        if self.pin and tensor.numel() > 0:
             self._pointers.append(_register_with_cuda(tensor))
             self._pinned.append(tensor)
         return tensor

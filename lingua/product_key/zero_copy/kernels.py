@@ -6,10 +6,11 @@ with unified virtual addressing it is the host pointer itself. Triton takes any 
 loads and stores cross PCIe directly: no CPU-side indexing, no staging copy, no host sync.
 
     gather:  out[s] = table[rows[s]]   (rows[s] < 0: zeros)   one program per (slot block, column block)
-    scatter: table[rows[u]] = values[u] (+ a bf16 copy of the table, rounded once)
-    update:  one optimizer step of rows[u] (lazy Adam or rowwise Adagrad, see lingua.optim.row_update_):
-             each program reads its rows of the table (and moments) once and writes them once, so
-             the reads and the writes cross PCIe at the same time, in opposite directions
+    scatter: table[rows[u]] = values[u]
+    update:  one optimizer step of rows[u] (lazy Adam or rowwise Adagrad, see lingua.optim.row_update_),
+             plus the rows of a bf16 copy of the table, rounded once: each program reads its rows of
+             the table (and moments) once and writes them once, so the reads and the writes cross
+             PCIe at the same time, in opposite directions
 
 `gather_rows` / `scatter_rows` / `update_rows` dispatch: CUDA compute device -> these kernels;
 otherwise the torch reference in `naive.py`. Shapes: S slots, R table rows, D row width, U rows.
@@ -75,22 +76,17 @@ def _row_block(ROWS, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl
 @triton.jit(do_not_specialize=["n_rows"])
 def _scatter_rows_kernel(
     DST,  # [R, D] table
-    LOW,  # [R, D] low-precision copy of the table (read only when HAS_LOW)
     ROWS,  # [U] unique row ids
     VALUES,  # [U, D] on the device
     n_rows,
     D: tl.constexpr,
     stride_dst,
-    stride_low,
-    HAS_LOW: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     slots, offs_d, in_range, rows, mask = _row_block(ROWS, n_rows, D, BLOCK_S, BLOCK_D)
     values = tl.load(VALUES + slots[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     tl.store(DST + rows[:, None] * stride_dst + offs_d[None, :], values.to(DST.dtype.element_ty), mask=mask)
-    if HAS_LOW:
-        tl.store(LOW + rows[:, None] * stride_low + offs_d[None, :], values.to(LOW.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows", "lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps"])
@@ -166,21 +162,17 @@ def gather_rows_triton(table_RD: Tensor, rows_S: Tensor, out_dtype: torch.dtype)
     return out
 
 
-def scatter_rows_triton(table_RD: Tensor, rows_U: Tensor, values_UD: Tensor, low_precision_RD: Tensor | None = None) -> None:
+def scatter_rows_triton(table_RD: Tensor, rows_U: Tensor, values_UD: Tensor) -> None:
     """The Triton scatter (see module docstring); rows must be unique."""
     _check_2d(table_RD)
     n_rows, dim = rows_U.numel(), table_RD.shape[1]
     if n_rows == 0 or dim == 0:
         return
-    if low_precision_RD is not None:
-        _check_2d(low_precision_RD)
     block_d = _block_d(dim)
     grid = (triton.cdiv(n_rows, BLOCK_ROWS), triton.cdiv(dim, block_d))
-    device = rows_U.device
-    low = low_precision_RD if low_precision_RD is not None else table_RD
     _scatter_rows_kernel[grid](
-        _kernel_arg(table_RD, device), _kernel_arg(low, device), rows_U, values_UD.contiguous(), n_rows, dim,
-        table_RD.stride(0), low.stride(0), HAS_LOW=low_precision_RD is not None, BLOCK_S=BLOCK_ROWS, BLOCK_D=block_d,
+        _kernel_arg(table_RD, rows_U.device), rows_U, values_UD.contiguous(), n_rows, dim, table_RD.stride(0),
+        BLOCK_S=BLOCK_ROWS, BLOCK_D=block_d,
     )
 
 
@@ -217,12 +209,9 @@ def gather_rows(table_RD: Tensor, rows_S: Tensor, out_dtype: torch.dtype) -> Ten
     return naive.gather_rows(table_RD, rows_S, out_dtype)
 
 
-def scatter_rows(table_RD: Tensor, rows_U: Tensor, values_UD: Tensor, low_precision_RD: Tensor | None = None) -> None:
+def scatter_rows(table_RD: Tensor, rows_U: Tensor, values_UD: Tensor) -> None:
     """Write rows of a (host or device) table from rows' device: the kernel for CUDA rows, torch otherwise."""
-    if rows_U.is_cuda:
-        scatter_rows_triton(table_RD, rows_U, values_UD, low_precision_RD)
-    else:
-        naive.scatter_rows(table_RD, rows_U, values_UD, low_precision_RD)
+    (scatter_rows_triton if rows_U.is_cuda else naive.scatter_rows)(table_RD, rows_U, values_UD)
 
 
 def update_rows(table_RD: Tensor, low_precision_RD: Tensor | None, moments: tuple[Tensor, Tensor] | None, step: RowStep) -> None:

@@ -86,10 +86,10 @@ class HostRows:
         return gather_rows(table, rows_U, tensor.dtype).view((rows_U.numel(),) + tuple(tensor.shape[1:]))
 
     def write(self, tensor: Tensor, rows_U: Tensor, values: Tensor) -> None:
-        """tensor[rows] = values; writing the weight also refreshes its low-precision copy."""
+        """tensor[rows] = values ([R] or [R, D] host tensor: per-row optimizer state; the weight's rows
+        change through `update`, which also refreshes its low-precision copy)."""
         table = tensor.view(tensor.shape[0], -1)
-        low = self.low_precision if tensor is self.weight and self.low_precision is not None else None
-        scatter_rows(table, rows_U, values.reshape(rows_U.numel(), -1), low)
+        scatter_rows(table, rows_U, values.reshape(rows_U.numel(), -1))
 
     def update(self, moments: tuple[Tensor, Tensor] | None, step: RowStep) -> None:
         """One optimizer step of the weight's rows (and its moments, when given) where they live,
