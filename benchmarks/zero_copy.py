@@ -338,6 +338,20 @@ def _steps_peak(candidate, rows: Tensor, weights: Tensor, grad_out: Tensor) -> s
     return _peak_gib()
 
 
+def buffer_line(n_rows: int, dim: int, n_lookups: int, n_unique: int) -> str:
+    """The zero-copy forward's device buffer (kept for backward: min(N*L, R) fp32 rows, sized
+    without a host sync) next to the bytes of the unique rows it holds, and a buffer per lookup."""
+    slots = min(n_lookups, n_rows)
+
+    def size(n: int) -> str:
+        return f"{n * dim * 4 / 2**20:.2f} MiB"
+
+    return (
+        f"zero-copy forward buffer: {slots} rows = {size(slots)} (bound min(N*L, R)); unique rows {n_unique} = {size(n_unique)} "
+        f"({100 * n_unique / slots:.0f}% of the buffer); one row per lookup would be {n_lookups} rows = {size(n_lookups)}"
+    )
+
+
 def host_fits(n_bytes: int) -> bool:
     return n_bytes <= 0.9 * available_host_bytes(shared=False)
 
@@ -412,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, weights, grad_out = make_lookups(args.rows, args.dim, args.tokens, args.lookups, device)
     n_unique = torch.unique(rows).numel()
+    print(buffer_line(args.rows, args.dim, rows.numel(), n_unique))
     main_transfer = transfers[0]
     builders = {
         "zero-copy (update on device)": (lambda: ZeroCopy(args.rows, args.dim, main_transfer, "device"),

@@ -29,6 +29,7 @@ def test_zero_copy_tiny_runs_and_reports():
     assert "| public approach | " in result.stdout and "speedup vs public approach" in result.stdout
     assert "device:" in result.stdout and "goals" in result.stdout
     assert "big table: 4 steps trained (probed rows moved)" in result.stdout
+    assert "zero-copy forward buffer: 1024 rows = 0.25 MiB (bound min(N*L, R)); unique rows " in result.stdout
 
 
 def test_run_all_keeps_each_log_and_a_summary(tmp_path):

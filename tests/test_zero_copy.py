@@ -95,11 +95,46 @@ def test_update_kernel_matches_reference(rule, with_low_precision, device):
 
 def test_dedup_rows_without_host_sync_semantics():
     rows = torch.tensor([7, 3, 7, 7, 0, 3, 9, 0])
-    slot_rows, inverse = dedup_rows(rows)
+    slot_rows, inverse = dedup_rows(rows, n_rows=10)
     assert slot_rows.tolist() == [0, 3, 7, 9, -1, -1, -1, -1]
     assert torch.equal(slot_rows[inverse], rows)
-    empty_slots, empty_inverse = dedup_rows(torch.zeros(0, dtype=torch.long))
+    few_slots, few_inverse = dedup_rows(rows[[0, 1, 4, 6]], n_rows=12)  # fewer lookups than rows
+    assert few_slots.tolist() == [0, 3, 7, 9] and torch.equal(few_slots[few_inverse], rows[[0, 1, 4, 6]])
+    table_bound, table_inverse = dedup_rows(rows, n_rows=4)  # 4 unique rows fill the 4 slots a 4-row table allows
+    assert table_bound.tolist() == [0, 3, 7, 9] and torch.equal(table_bound[table_inverse], rows)
+    empty_slots, empty_inverse = dedup_rows(torch.zeros(0, dtype=torch.long), n_rows=10)
     assert empty_slots.numel() == 0 and empty_inverse.numel() == 0
+
+
+def saved_row_bytes(values: ZeroCopyValues, rows: torch.Tensor) -> int:
+    """Bytes of the table-wide ([*, V]) tensors a zero-copy bag forward keeps for its backward
+    (on a GPU: the device memory the forward holds until backward)."""
+    width, kept = values.weight.shape[1], []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 2 and tensor.shape[1] == width:
+            kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    weights = torch.rand(rows.shape, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        values.bag(rows, weights, "torch").sum().backward()
+    values.weight.host_rows.grad = None
+    return sum(kept)
+
+
+def test_zero_copy_buffer_is_bounded_by_the_table_rows_not_the_lookups():
+    """The forward's device buffer holds at most one row per table row: independent of N*L once
+    N*L exceeds the table (a buffer per lookup would grow with N*L)."""
+    n_rows, width = 64, 8
+    values = zero_copy_table(torch.randn(n_rows, width))
+    row_bytes = width * 4
+    gen = torch.Generator().manual_seed(6)
+    few = torch.randint(0, n_rows, (5, 6), generator=gen)  # 30 lookups < 64 rows
+    assert saved_row_bytes(values, few) == few.numel() * row_bytes
+    for n_tokens in (50, 200):  # 300 and 1200 lookups of a 64-row table
+        rows = torch.randint(0, n_rows, (n_tokens, 6), generator=gen)
+        assert saved_row_bytes(values, rows) == n_rows * row_bytes
 
 
 def pk_args(**overrides) -> ProductKeyArgs:

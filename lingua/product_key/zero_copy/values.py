@@ -6,14 +6,16 @@ and its optimizer state are host tensors from `HostMemory`; they never move, wha
 `.cuda()` or `to_empty()` the model goes through (the module materializes them on its first
 `_apply` and ignores later ones). A forward:
   1. dedups the N*L looked-up rows on the compute device (sort + scan; no host sync: the buffer
-     has one slot per lookup, empty slots hold row -1),
+     has min(N*L, R) slots, the most unique rows there can be, so its size is known without
+     counting them; the U unique rows come first, empty slots hold row -1),
   2. gathers the unique rows from host memory into a device buffer (`kernels.gather_rows`: a
      Triton kernel over UVA on CUDA, torch indexing on CPU),
   3. runs the weighted bag (`weighted_embedding_bag`) on the buffer with remapped indices.
-Its backward leaves a row-sparse gradient (unique table rows, their summed gradients) on the
+The buffer is kept for the bag's backward: [min(N*L, R), V] in the master dtype. Its backward leaves a row-sparse gradient (unique table rows, their summed gradients) on the
 compute device in `weight.host_rows.grad`: the optimizer (lingua.optim.AdamW) clips, reduces
 across data-parallel ranks and applies it to the touched rows only, reading and writing the host
-rows through `HostRows`. Memory on the compute device scales with the tokens, not the table.
+rows through `HostRows`. Memory on the compute device scales with the tokens (bounded by the table's
+rows), never with the table's width times the lookups.
 """
 
 from __future__ import annotations
@@ -35,17 +37,19 @@ TransferDtype = Literal["fp32", "bf16"]
 UpdatePlace = Literal["device", "host"]
 
 
-def dedup_rows(rows_P: Tensor) -> tuple[Tensor, Tensor]:
-    """(slot_rows [P], inverse [P]) of flat row ids, with no host sync.
+def dedup_rows(rows_P: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """(slot_rows [S], inverse [P]) of flat row ids in [0, n_rows), with no host sync.
 
-    slot_rows holds the sorted unique rows in its first U slots and -1 after them; inverse maps
-    each lookup to its slot: slot_rows[inverse] == rows_P."""
+    S = min(P, n_rows), a bound on the unique rows U known without counting them. slot_rows holds
+    the sorted unique rows in its first U slots and -1 after them; inverse maps each lookup to its
+    slot: slot_rows[inverse] == rows_P."""
     sorted_rows, order = torch.sort(rows_P)
     is_new = torch.ones_like(sorted_rows, dtype=torch.bool)
     is_new[1:] = sorted_rows[1:] != sorted_rows[:-1]
     slot_of_sorted = torch.cumsum(is_new, 0) - 1
     inverse = torch.empty_like(rows_P).scatter_(0, order, slot_of_sorted)
-    slot_rows = torch.full_like(rows_P, -1).scatter_(0, slot_of_sorted, sorted_rows)  # duplicates write equal values
+    slot_rows = rows_P.new_full((min(rows_P.numel(), n_rows),), -1)
+    slot_rows.scatter_(0, slot_of_sorted, sorted_rows)  # slot ids < U <= S; duplicates write equal values
     return slot_rows, inverse
 
 
@@ -104,7 +108,7 @@ class HostRows:
 
 
 class _GatherHostRows(torch.autograd.Function):
-    """buffer [P, V] = table rows of slot_rows (zeros for -1 slots), on slot_rows' device; the
+    """buffer [S, V] = table rows of slot_rows (zeros for -1 slots), on slot_rows' device; the
     backward turns the buffer's sparse gradient into table rows and stores it in host_rows."""
 
     @staticmethod
@@ -198,7 +202,7 @@ class ZeroCopyValues(nn.Module):
         """[N, V] weighted bag of the table's rows (see module docstring), on rows' device."""
         self.materialize()
         assert self.host is not None
-        slot_rows, inverse = dedup_rows(rows_NL.reshape(-1))
+        slot_rows, inverse = dedup_rows(rows_NL.reshape(-1), self.weight.shape[0])
         buffer = _GatherHostRows.apply(self.weight, slot_rows, self.host)
         return weighted_embedding_bag(buffer, inverse.view(rows_NL.shape), weights_NL, backend)
 
