@@ -239,6 +239,19 @@ def _row_gradient(param: Tensor) -> tuple[Tensor, Tensor]:
     return grad.indices()[0], grad.values()
 
 
+def _row_mean_square(param: Tensor, grads_U: Tensor) -> Tensor:
+    """[U] mean of each row's squared gradient over the whole row. A column-sharded parameter
+    sums its slices' squares over the shard group (collective; every rank of a group holds the
+    same rows, read by the group's tokens), so every rank keeps the same [R] accumulator."""
+    sums_U = grads_U.pow(2).flatten(1).sum(dim=1)
+    width = math.prod(param.shape[1:])
+    sharding = getattr(param, "column_sharding", None)
+    if sharding is not None:
+        dist.all_reduce(sums_U, group=sharding.shard_group)
+        width *= dist.get_world_size(sharding.shard_group)
+    return sums_U / width
+
+
 def _index_read(tensor: Tensor, rows: Tensor) -> Tensor:
     return tensor.index_select(0, rows)
 
@@ -303,7 +316,9 @@ class AdamW(torch.optim.Optimizer):
       - "dense": exact AdamW on the implied dense gradient (absent rows have gradient 0: their
         moments decay and they keep moving), without ever building the dense gradient;
       - "rowwise_adagrad": rows present this step only; one accumulator per row, the mean of its
-        squared gradient entries (`row_sum_sq` [R]): w -= lr * g / (sqrt(acc) + eps), plus decay.
+        squared gradient entries over the whole row (`row_sum_sq` [R], the same on every rank of a
+        column-sharded table, so it is saved and loaded like a replicated tensor in any layout):
+        w -= lr * g / (sqrt(acc) + eps), plus decay.
     Host-memory parameters (`param.host_rows`) take lazy or rowwise_adagrad; their state is
     allocated in host memory and their rows are read and written through host_rows.
     State is created for every parameter at construction, so torch.distributed.checkpoint sees a
@@ -445,7 +460,7 @@ class AdamW(torch.optim.Optimizer):
             return
         acc_dtype = torch.promote_types(param.dtype, torch.float32)
         if kind == "rowwise_adagrad":
-            sum_sq = read(state["row_sum_sq"], rows) + grad_rows.to(acc_dtype).pow(2).flatten(1).mean(dim=1)
+            sum_sq = read(state["row_sum_sq"], rows) + _row_mean_square(param, grad_rows.to(acc_dtype))
             write(state["row_sum_sq"], rows, sum_sq)
             moments, row_a, row_b = None, sum_sq.sqrt() + eps, None
         else:  # lazy: rows present this step only, each with its own bias correction.

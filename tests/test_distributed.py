@@ -185,6 +185,29 @@ def test_memory_parallel_two_rank_resume_is_exact(data, tmp_path):
     assert_two_rank_resume_is_exact(data, tmp_path, [*MEMORY, "distributed.memory_parallel_size=2", "distributed.fsdp_type=no_shard"])
 
 
+def saved_optimizer_state(folder: Path, key: str) -> torch.Tensor:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(folder), str(folder.parent / "full.pt"))
+    return torch.load(folder.parent / "full.pt", weights_only=True)["optim"]["state"]["memory_values.weight"][key]
+
+
+def test_memory_parallel_rowwise_adagrad_matches_single_process_and_resumes_exactly(data, tmp_path):
+    """Rowwise Adagrad over a table sharded by columns on 2 ranks: each row's accumulator is the
+    mean over the whole row (reduced over the slices), so the table matches one process, the
+    checkpoint holds the one-process accumulator, and a resumed run logs the uninterrupted one's
+    losses bit for bit."""
+    adagrad = [*MEMORY, "model.productkey_args.value_update=rowwise_adagrad"]
+    run(1, config_args(data[1], tmp_path / "single", *adagrad))
+    assert_two_rank_resume_is_exact(data, tmp_path, [*adagrad, "distributed.memory_parallel_size=2", "distributed.fsdp_type=no_shard"])
+    assert_close(losses(tmp_path / "full"), losses(tmp_path / "single"))
+    torch.testing.assert_close(final_table(tmp_path / "full"), final_table(tmp_path / "single"), rtol=1e-4, atol=1e-6)
+    last = f"{STEPS:010d}"
+    accumulators = [saved_optimizer_state(tmp_path / name / "checkpoints" / last, "row_sum_sq") for name in ("full", "single")]
+    assert accumulators[0].shape == (64,)
+    torch.testing.assert_close(*accumulators, rtol=1e-4, atol=1e-12)
+
+
 def test_zero_copy_two_rank_resume_is_exact(data, tmp_path):
     """Host table and its optimizer state go through the checkpoint and come back exactly."""
     assert_two_rank_resume_is_exact(data, tmp_path, [*MEMORY, "model.productkey_args.zero_copy=true", "distributed.fsdp_type=no_shard"])
