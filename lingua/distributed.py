@@ -128,7 +128,8 @@ def init_distributed(args: DistributedArgs) -> DistributedEnv:
 
 
 def resolve_parallel_sizes(args: DistributedArgs, world_size: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp) multiplying to world_size; dp_replicate absorbs the rest."""
+    """(dp_replicate, dp_shard, tp) multiplying to world_size; dp_replicate absorbs the rest. Also
+    checks that memory_parallel_size fits the processes (before the run writes anything)."""
     inner = args.dp_shard * args.tp_size
     if world_size % inner != 0:
         raise ConfigError(
@@ -143,6 +144,12 @@ def resolve_parallel_sizes(args: DistributedArgs, world_size: int) -> tuple[int,
         )
     if args.fsdp_type == "no_shard" and args.dp_shard > 1:
         raise ConfigError("distributed.fsdp_type=no_shard replicates parameters: set dp_shard=1 or fsdp_type=full_shard")
+    size = args.memory_parallel_size
+    if size > 1 and (world_size % size != 0 or args.tp_size > 1):
+        raise ConfigError(
+            f"distributed.memory_parallel_size={size} must divide the {world_size} processes and needs tp_size=1 "
+            f"(got tp_size={args.tp_size})"
+        )
     return dp_replicate, args.dp_shard, args.tp_size
 
 
@@ -264,11 +271,6 @@ def _apply_memory_parallel(model: nn.Module, plan: ParallelPlan, mesh: DeviceMes
     if mesh is None:
         logger.warning("distributed.memory_parallel_size=%d in a single process: the memory tables stay whole", size)
         return
-    world = mesh.size()
-    if world % size != 0 or args.tp_size > 1:
-        raise ConfigError(
-            f"distributed.memory_parallel_size={size} must divide the {world} processes and needs tp_size=1 "
-            f"(got tp_size={args.tp_size})"
-        )
+    world = mesh.size()  # a multiple of size with tp_size=1 (resolve_parallel_sizes)
     memory_mesh = init_device_mesh(mesh.device_type, (world // size, size), mesh_dim_names=("memory_replicate", "memory_shard"))
     plan.memory_parallel(model, memory_mesh, dp_rank_and_size(mesh)[1])

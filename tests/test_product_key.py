@@ -140,6 +140,32 @@ def test_config_validation_names_the_key():
         lm_args(layers="0,3")
 
 
+@pytest.mark.parametrize("distributed,pk,message", [
+    ({"tp_size": 2}, {}, r"distributed.tp_size=2 with model.productkey_args.is_enabled=true: memory layers do not support tensor"),
+    ({"memory_parallel_size": 2}, {"zero_copy": True}, r"memory_parallel_size=2 with model.productkey_args.zero_copy=true"),
+    ({"memory_parallel_size": 3}, {"mem_v_dim": 16}, r"memory_parallel_size=3 does not divide the value width 16"),
+    ({"memory_parallel_size": 3}, {}, r"memory_parallel_size=3 does not divide the value width 32"),
+])
+def test_memory_layouts_that_cannot_run_are_refused_when_the_config_loads(distributed, pk, message, tmp_path):
+    """Before the run writes anything (config.yaml included): memory layers under tensor
+    parallelism, zero-copy tables under memory parallelism, a value width P does not divide."""
+    raw = {"dump_dir": str(tmp_path / "run"), "distributed": distributed,
+           "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "productkey_args": {**SMALL_PK, "layers": "1", **pk}}}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(MainTrainArgs, raw)
+    assert not (tmp_path / "run").exists()
+    raw["model"]["productkey_args"]["is_enabled"] = False  # without memory layers the layout is fine
+    config_from_dict(MainTrainArgs, raw)
+
+
+def test_memory_parallel_size_must_divide_the_processes_before_any_work():
+    from lingua.distributed import DistributedArgs, resolve_parallel_sizes
+
+    assert resolve_parallel_sizes(DistributedArgs(memory_parallel_size=2), 4) == (4, 1, 1)
+    with pytest.raises(ConfigError, match="memory_parallel_size=2 must divide the 3 processes"):
+        resolve_parallel_sizes(DistributedArgs(memory_parallel_size=2), 3)
+
+
 def test_flops_count_read_rows_not_the_table():
     def flops(n_keys: int) -> tuple[float, LMTransformer]:
         with torch.device("meta"):

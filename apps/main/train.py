@@ -40,6 +40,30 @@ class MainTrainArgs(TrainArgs):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seqlen={self.model.max_seqlen}: "
                 "raise model.max_seqlen or lower data.seq_len"
             )
+        self._check_memory_layout()
+
+    def _check_memory_layout(self) -> None:
+        """Memory layers against the distributed layout, before anything is written."""
+        memory, layout = self.model.productkey_args, self.distributed
+        if not memory.is_enabled:
+            return
+        if layout.tp_size > 1:
+            raise ConfigError(
+                f"distributed.tp_size={layout.tp_size} with model.productkey_args.is_enabled=true: memory layers do not support "
+                "tensor parallelism; set tp_size=1 (distributed.memory_parallel_size shards the value tables)"
+            )
+        size = layout.memory_parallel_size
+        if size > 1 and memory.zero_copy:
+            raise ConfigError(
+                f"distributed.memory_parallel_size={size} with model.productkey_args.zero_copy=true: zero-copy tables are "
+                "shared per node in host memory; set memory_parallel_size=1"
+            )
+        width = memory.value_dim(self.model.dim)
+        if width % size != 0:
+            raise ConfigError(
+                f"distributed.memory_parallel_size={size} does not divide the value width {width} "
+                "(model.productkey_args.mem_v_dim, or model.dim when it is -1): change one of them"
+            )
 
 
 def build_model(args: LMTransformerArgs, tokenizer: Tokenizer) -> LMTransformer:
