@@ -76,6 +76,22 @@ def _launcher_ranks() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+def local_world_size() -> int:
+    """Processes of this job on this machine: torchrun's LOCAL_WORLD_SIZE, or under SLURM this
+    node's entry of the tasks-per-node list (SLURM_STEP_TASKS_PER_NODE, else SLURM_TASKS_PER_NODE,
+    e.g. "4(x2),3", indexed by SLURM_NODEID); 1 otherwise."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    tasks = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if "SLURM_JOB_ID" not in os.environ or "SLURM_PROCID" not in os.environ or not tasks:
+        return 1
+    per_node: list[int] = []
+    for entry in tasks.split(","):
+        count, _, repeat = entry.partition("(x")
+        per_node += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return per_node[int(os.environ.get("SLURM_NODEID", "0"))]
+
+
 def detect_env(args: DistributedArgs) -> DistributedEnv:
     rank, local_rank, world_size = _launcher_ranks()
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

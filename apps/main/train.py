@@ -18,6 +18,7 @@ from torch import nn
 
 from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, cli_main
+from lingua.distributed import local_world_size
 from lingua.optim import OptimArgs, ParamGroupSpec
 from lingua.product_key import log_metrics, memory_flops_per_token, memory_param_groups
 from lingua.product_key.zero_copy import check_host_capacity
@@ -114,7 +115,7 @@ def check_host_memory(cfg: MainTrainArgs) -> None:
     """Zero-copy values: the node must hold the tables and their optimizer state (one copy per node)."""
     needed = cfg.model.productkey_args.host_bytes(cfg.model.dim, training=True)
     if needed:
-        shared = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
+        shared = local_world_size() > 1  # the node's ranks share one table in /dev/shm
         check_host_capacity(needed, "model.productkey_args.zero_copy=true (value tables and their optimizer state)", shared)
 
 

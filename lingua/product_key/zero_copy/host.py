@@ -5,7 +5,10 @@ its optimizer state). One process: ordinary memory. A training job of several pr
 node sharing (`share_with_node=True`, a collective): one shared-memory mapping per tensor, created
 by the node's first rank and mapped by the others, so the node holds ONE table whatever its
 number of GPUs; the rows a step touched are updated by the node's ranks in disjoint shares
-(`owned`). Anything else (eval, generation, even inside a training job) gets private memory. With CUDA present every tensor is registered with the driver
+(`owned`). The node's ranks are the ranks that see each other's probe files in the shared-memory
+mount (never a host name, which two machines may share), and each shared file has its whole
+size reserved when it is created, so a full mount is refused at once in one line instead of
+killing the job with SIGBUS at a later first touch. Anything else (eval, generation, even inside a training job) gets private memory. With CUDA present every tensor is registered with the driver
 (page-locked and device-mapped), so GPU kernels read and write it directly over UVA.
 """
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +70,30 @@ def _page_aligned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return raw[start : start + n_bytes].view(dtype).view(shape)
 
 
+def _reserve_shared_file(path: str, n_bytes: int) -> str | None:
+    """Create `path` with n_bytes of zeros allocated up front (posix_fallocate: shared-memory files
+    are otherwise sparse); None, or the refusal line when the mount has no room (no file left)."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if n_bytes > 0:
+            os.posix_fallocate(descriptor, 0, n_bytes)
+    except OSError as error:
+        os.unlink(path)
+        stats = os.statvfs(os.path.dirname(path))
+        return (
+            f"a host tensor shared by this node's ranks needs {n_bytes / 2**30:.2f} GiB in {os.path.dirname(path)}, which has "
+            f"{stats.f_bavail * stats.f_frsize / 2**30:.2f} GiB free ({error.strerror}): enlarge that mount, use fewer rows "
+            "(mem_n_keys), a smaller mem_v_dim or value_update=rowwise_adagrad"
+        )
+    finally:
+        os.close(descriptor)
+    return None
+
+
+def _probe_path(token: str) -> str:
+    return os.path.join(SHM_DIR, f"lingua-probe-{token}")
+
+
 def _register_with_cuda(tensor: Tensor) -> int:
     """Page-lock and device-map `tensor` (not empty); returns the pointer to unregister."""
     pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
@@ -113,6 +139,7 @@ class HostMemory:
         self.pin = torch.cuda.is_available()
         self.group: dist.ProcessGroup | None = None
         self.local_rank, self.local_size = 0, 1
+        self._first_rank = 0  # the global rank of this node's first rank
         self._token = uuid.uuid4().hex
         self._count = 0
         self._pinned: list[Tensor] = []  # registered tensors, unpinned when this allocator goes away
@@ -123,16 +150,28 @@ class HostMemory:
             self._join_node()
 
     def _join_node(self) -> None:
-        """Find the ranks on this host, make their process group, agree on the shared file names."""
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (socket.gethostname(), self._token))
-        hosts: dict[str, list[int]] = {}
-        for rank, (host, _) in enumerate(gathered):
-            hosts.setdefault(host, []).append(rank)
-        mine = hosts[socket.gethostname()]
-        self.group, _ = dist.new_subgroups_by_enumeration(list(hosts.values()))
-        self.local_rank, self.local_size = mine.index(dist.get_rank()), len(mine)
-        self._token = gathered[mine[0]][1]
+        """Find the ranks sharing this machine's shared-memory mount (each leaves a probe file there;
+        the ranks that see each other's probes are one node), make their process group and agree
+        on the shared file names."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        with open(_probe_path(self._token), "x"):
+            pass
+        try:
+            tokens: list = [None] * world
+            dist.all_gather_object(tokens, self._token)
+            seen = tuple(other for other, token in enumerate(tokens) if os.path.exists(_probe_path(token)))
+            views: list = [None] * world
+            dist.all_gather_object(views, seen)  # returns once every rank has looked: the probes can go
+        finally:
+            os.unlink(_probe_path(self._token))
+        nodes = sorted(set(views))
+        if any(other not in view for other, view in enumerate(views)) or sum(map(len, nodes)) != world:
+            raise RuntimeError(f"the ranks disagree on which of them share {SHM_DIR} (each rank's view: {views})")
+        mine = views[rank]
+        self.group, _ = dist.new_subgroups_by_enumeration([list(node) for node in nodes])
+        self.local_rank, self.local_size = mine.index(rank), len(mine)
+        self._first_rank = mine[0]
+        self._token = tokens[mine[0]]
 
     @property
     def shared(self) -> bool:
@@ -150,11 +189,14 @@ class HostMemory:
             self._count += 1
             path = os.path.join(SHM_DIR, f"lingua-{self._token}-{self._count}")
             numel = math.prod(shape)
-            if self.local_rank == 0:  # a new file is zero-filled
-                tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
-            self.barrier()
-            if self.local_rank != 0:
-                tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+            refusal = _reserve_shared_file(path, numel * dtype.itemsize) if self.local_rank == 0 else None  # zero-filled
+            if self.group is not None:  # every rank of the node learns the outcome (and waits for the file)
+                outcome = [refusal]
+                dist.broadcast_object_list(outcome, src=self._first_rank, group=self.group)
+                refusal = outcome[0]
+            if refusal is not None:
+                raise ConfigError(refusal)
+            tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
             self.barrier()
             if self.local_rank == 0:
                 os.unlink(path)  # the mappings stay; nothing is left behind if a rank dies

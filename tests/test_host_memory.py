@@ -1,0 +1,114 @@
+"""Host memory of zero-copy tables shared by a node's ranks: the node is found through the
+shared-memory mount, not the host name (2 gloo ranks under torchrun, `worker()` holds the checks);
+a shared file's space is reserved when it is created and a full mount is refused in one line; under
+SLURM the tasks on this node decide whether the capacity check counts the shared-memory mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker(scratch: Path) -> None:
+    from lingua.product_key.zero_copy import host
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    host.SHM_DIR = str(scratch / "common")  # one machine: both ranks see one mount
+    memory = host.HostMemory(share_with_node=True)
+    assert (memory.local_rank, memory.local_size) == (rank, 2)
+    table = memory.zeros((4, 3))
+    if rank == 0:
+        table.fill_(7.0)
+    memory.barrier()
+    assert table.eq(7.0).all(), "the ranks of one node map one table"
+    # Two machines with the same host name: each rank has a mount of its own.
+    host.SHM_DIR = str(scratch / f"machine{rank}")
+    alone = host.HostMemory(share_with_node=True)
+    assert (alone.local_rank, alone.local_size) == (0, 1), "ranks that cannot see each other's memory must not share a table"
+    assert os.listdir(scratch / "common") == [] and os.listdir(scratch / f"machine{rank}") == []  # no probe or table file left
+    print(f"rank {rank}: node found through shared memory", flush=True)
+    dist.destroy_process_group()
+
+
+def test_ranks_share_a_table_when_they_share_memory_not_a_host_name(tmp_path):
+    for name in ("common", "machine0", "machine1"):
+        (tmp_path / name).mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert all(f"rank {rank}: node found through shared memory" in result.stdout for rank in (0, 1))
+
+
+def first_rank_of_two(monkeypatch, shm_dir: Path):
+    """A HostMemory acting as the first of a node's two ranks (no process group: nobody to tell)."""
+    from lingua.product_key.zero_copy import host
+
+    monkeypatch.setattr(host, "SHM_DIR", str(shm_dir))
+    memory = host.HostMemory()
+    memory.local_size = 2
+    return memory
+
+
+def test_shared_tables_reserve_their_space_and_a_full_mount_is_refused(monkeypatch, tmp_path):
+    from lingua.args import ConfigError
+
+    reserved: list[int] = []
+    real_fallocate = os.posix_fallocate
+
+    def record(descriptor: int, offset: int, length: int) -> None:
+        reserved.append(length)
+        real_fallocate(descriptor, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", record)
+    memory = first_rank_of_two(monkeypatch, tmp_path)
+    table = memory.zeros((8, 4))
+    assert reserved == [8 * 4 * 4] and table.shape == (8, 4) and table.eq(0).all()
+
+    def no_space(descriptor: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(ConfigError, match=rf"needs 2\.00 GiB in {tmp_path}, which has .* GiB free \(No space left on device\)"):
+        memory.zeros((2**27, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tasks,node,expected", [("2(x2)", 1, 2), ("4,1", 1, 1), ("3", 0, 3)])
+def test_slurm_tasks_on_this_node_decide_the_shared_capacity_check(tasks, node, expected, monkeypatch, tmp_path):
+    from apps.main.train import check_host_memory, MainTrainArgs
+    from lingua.args import config_from_dict
+    from lingua.distributed import local_world_size
+    from lingua.product_key.zero_copy import host
+
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NODEID", str(node))
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", tasks)
+    assert local_world_size() == expected
+    asked: list[bool] = []
+    monkeypatch.setattr(host, "available_host_bytes", lambda shared: asked.append(shared) or 2**40)
+    cfg = config_from_dict(MainTrainArgs, {
+        "dump_dir": str(tmp_path / "run"),
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2,
+                  "productkey_args": {"is_enabled": True, "layers": "1", "mem_n_keys": 8, "mem_k_dim": 8, "mem_knn": 4, "zero_copy": True}},
+    })
+    check_host_memory(cfg)
+    assert asked == [expected > 1]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    worker(Path(sys.argv[1]))
