@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lingua.args import dump_config, to_dict
-from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights
+from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights, rng_state, set_rng_state
 from lingua.data import DataArgs, DataLoaderState, build_dataloader, init_dataloader_state, iter_validation_batches, prepare_sources
 from lingua.distributed import (
     DistributedArgs,
@@ -148,11 +148,26 @@ def _to_device(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, t
     return tokens[..., 0], tokens[..., 1]
 
 
+IGNORED_TARGET = -100  # a target no loss counts: torch's cross-entropy default, which the apps' models use
+
+
+def _pad_rows(batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """[batch_size, T, views]: a short batch completed with rows whose targets are all ignored,
+    so the loss is the short batch's while every rank's forward has one shape."""
+    missing = batch_size - batch.shape[0]
+    if missing <= 0:
+        return batch
+    padding = np.zeros((missing,) + batch.shape[1:], dtype=batch.dtype)
+    padding[..., 1:] = IGNORED_TARGET
+    return np.concatenate([batch, padding])
+
+
 def validation_loss(model: nn.Module, cfg: TrainArgs, env: DistributedEnv, mesh: DeviceMesh | None) -> dict[str, float]:
     """Mean token loss on each source's val shards (`val/<source>/loss`) and over all (`val/loss`).
 
     Data-parallel ranks read disjoint val lines; every rank runs the same number of batches (the
-    smallest count), since sharded forwards are collectives."""
+    smallest count) of the same shape (a short last batch is padded with ignored rows), since
+    sharded and memory-parallel forwards are collectives."""
     batch_size = cfg.validation.batch_size or cfg.data.batch_size
     max_batches = cfg.validation.max_batches if cfg.validation.max_batches > 0 else None
     dp_rank, dp_size = dp_rank_and_size(mesh)
@@ -168,7 +183,7 @@ def validation_loss(model: nn.Module, cfg: TrainArgs, env: DistributedEnv, mesh:
                 dist.all_reduce(count, op=dist.ReduceOp.MIN)
             losses = []
             for batch in batches[: int(count.item())]:
-                inputs, targets = _to_device(batch, env.device)
+                inputs, targets = _to_device(_pad_rows(batch, batch_size), env.device)
                 with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
                     losses.append(model(inputs, targets).float())
             if losses:
@@ -332,8 +347,16 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
 def _evaluate(spec: ModelSpec, cfg: TrainArgs, folder: Path, step: int, env: DistributedEnv) -> dict[str, float]:
     """Evaluate a just-saved checkpoint: in this process (rank 0, the other ranks wait, so
     distributed.timeout_s must cover it), or, under SLURM, as its own job (the app's evaluate
-    submits it and returns no metrics; the job appends to metrics.eval.jsonl)."""
-    record = spec.evaluate(cfg, folder, step) if env.is_main else {}
+    submits it and returns no metrics; the job appends to metrics.eval.jsonl). The evaluation
+    runs on its own RNG state (lm-eval reseeds the global generators, loading the model draws
+    from them): training continues with the generators it had, as a resumed run does."""
+    record: dict[str, float] = {}
+    if env.is_main:
+        training_rng = rng_state()
+        try:
+            record = spec.evaluate(cfg, folder, step)
+        finally:
+            set_rng_state(training_rng)
     if dist.is_initialized():
         dist.barrier()
     if record:

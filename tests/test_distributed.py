@@ -7,6 +7,7 @@ Tolerance: losses agree to 1e-4 relative over 8 steps (fp32; reduction order dif
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -206,6 +207,15 @@ def test_memory_parallel_rowwise_adagrad_matches_single_process_and_resumes_exac
     accumulators = [saved_optimizer_state(tmp_path / name / "checkpoints" / last, "row_sum_sq") for name in ("full", "single")]
     assert accumulators[0].shape == (64,)
     torch.testing.assert_close(*accumulators, rtol=1e-4, atol=1e-12)
+
+
+def test_memory_parallel_validation_with_a_short_last_batch(data, tmp_path):
+    """Every val line, 5 per batch: rank 0's last batch holds 1 row, rank 1's 5 (the group's
+    column all-gather needs one size on every rank: the short batch is padded with ignored rows)."""
+    run(2, config_args(data[2], tmp_path / "mp", *MEMORY, "distributed.memory_parallel_size=2", "distributed.fsdp_type=no_shard",
+                       "steps=2", "validation.every=2", "validation.max_batches=0", "validation.batch_size=5"))
+    records = [r for r in read_metrics(tmp_path / "mp" / "metrics.jsonl") if "val/loss" in r]
+    assert [r["step"] for r in records] == [0, 2] and all(math.isfinite(r["val/loss"]) for r in records)
 
 
 def test_zero_copy_two_rank_resume_is_exact(data, tmp_path):

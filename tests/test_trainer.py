@@ -206,3 +206,49 @@ def test_evaluation_during_training(corpus, tmp_path, monkeypatch):
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/synthetic_mc/acc" in r]
     assert [r["step"] for r in evals] == [3, 6]
     assert (tmp_path / "run" / "eval" / "0000000003" / "results.json").is_file()
+
+
+def test_evaluation_during_training_keeps_resume_exact(corpus, tmp_path, monkeypatch):
+    """lm-eval reseeds the global generators and loading the checkpoint for evaluation draws from
+    them: evaluation runs on its own RNG state, so with dropout a run resumed from an evaluated
+    checkpoint logs the uninterrupted run's losses."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(REPO)
+    memory = {"is_enabled": True, "layers": "1", "mem_n_keys": 8, "mem_heads": 2, "mem_knn": 4, "mem_k_dim": 8, "mem_value_dropout": 0.5}
+    overrides = {
+        "steps": 4, "checkpoint.dump.every": 2, "checkpoint.eval.every": 2, "model.productkey_args": memory,
+        "eval": {"harness": {"tasks": ["synthetic_mc"], "limit": 2, "bootstrap_iters": 0}, "validation": {"max_batches": 1}},
+    }
+    full = train(tiny_config(corpus, tmp_path / "full", **overrides), MODEL_SPEC)
+    original_save = CheckpointManager.save
+
+    def save_then_crash(self, step, *args, **kwargs):
+        original_save(self, step, *args, **kwargs)
+        raise Crash(step)
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_crash)
+    with pytest.raises(Crash):
+        train(tiny_config(corpus, tmp_path / "split", **overrides), MODEL_SPEC)
+    monkeypatch.setattr(CheckpointManager, "save", original_save)
+    resumed = train(tiny_config(corpus, tmp_path / "split", **overrides), MODEL_SPEC)
+    assert sorted(resumed.losses) == [3, 4]
+    assert resumed.losses == {step: full.losses[step] for step in (3, 4)}
+
+
+def test_padded_validation_batch_keeps_the_short_batch_loss():
+    """Validation pads a short last batch (so every rank's forward has one shape) with rows whose
+    targets are ignored: the loss stays the short batch's."""
+    import numpy as np
+
+    from apps.main.transformer import LMTransformer, LMTransformerArgs
+    from lingua.trainer import _pad_rows
+
+    torch.manual_seed(0)
+    model = LMTransformer(LMTransformerArgs(dim=32, n_layers=1, n_heads=2, vocab_size=40, max_seqlen=16, multiple_of=16))
+    model.init_weights()
+    short = np.random.default_rng(0).integers(0, 40, (2, 16, 2))
+    padded = _pad_rows(short, 5)
+    assert padded.shape == (5, 16, 2) and (padded[:2] == short).all() and (padded[2:, :, 1] == -100).all()
+    with torch.no_grad():
+        losses = [model(torch.from_numpy(b[..., 0]), torch.from_numpy(b[..., 1])).item() for b in (short, padded)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
