@@ -51,6 +51,21 @@ class Crash(Exception):
     pass
 
 
+def crash_at_first_save_and_resume(cfg: MainTrainArgs, monkeypatch):
+    """Train until the first checkpoint is written, crash, then resume: the resumed run's result."""
+    original_save = CheckpointManager.save
+
+    def save_then_crash(self, step, *args, **kwargs):
+        original_save(self, step, *args, **kwargs)
+        raise Crash(step)
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_crash)
+    with pytest.raises(Crash):
+        train(cfg, MODEL_SPEC)
+    monkeypatch.setattr(CheckpointManager, "save", original_save)
+    return train(cfg, MODEL_SPEC)
+
+
 def test_loss_and_validation_decrease(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "run", steps=80, **{"validation.every": 40, "validation.max_batches": 4})
     result = train(cfg, MODEL_SPEC)
@@ -88,17 +103,7 @@ def test_resume_is_bit_identical(corpus, tmp_path, monkeypatch):
 def test_resume_with_async_loader_and_grad_accumulation(corpus, tmp_path, monkeypatch):
     overrides = {"data.load_async": True, "grad_acc_steps": 2, "steps": 12, "checkpoint.dump.every": 6}
     full = train(tiny_config(corpus, tmp_path / "full", **overrides), MODEL_SPEC)
-    original_save = CheckpointManager.save
-
-    def save_then_crash(self, step, *args, **kwargs):
-        original_save(self, step, *args, **kwargs)
-        raise Crash(step)
-
-    monkeypatch.setattr(CheckpointManager, "save", save_then_crash)
-    with pytest.raises(Crash):
-        train(tiny_config(corpus, tmp_path / "split", **overrides), MODEL_SPEC)
-    monkeypatch.setattr(CheckpointManager, "save", original_save)
-    resumed = train(tiny_config(corpus, tmp_path / "split", **overrides), MODEL_SPEC)
+    resumed = crash_at_first_save_and_resume(tiny_config(corpus, tmp_path / "split", **overrides), monkeypatch)
     assert {s: resumed.losses[s] for s in range(7, 13)} == {s: full.losses[s] for s in range(7, 13)}
 
 
@@ -220,17 +225,7 @@ def test_evaluation_during_training_keeps_resume_exact(corpus, tmp_path, monkeyp
         "eval": {"harness": {"tasks": ["synthetic_mc"], "limit": 2, "bootstrap_iters": 0}, "validation": {"max_batches": 1}},
     }
     full = train(tiny_config(corpus, tmp_path / "full", **overrides), MODEL_SPEC)
-    original_save = CheckpointManager.save
-
-    def save_then_crash(self, step, *args, **kwargs):
-        original_save(self, step, *args, **kwargs)
-        raise Crash(step)
-
-    monkeypatch.setattr(CheckpointManager, "save", save_then_crash)
-    with pytest.raises(Crash):
-        train(tiny_config(corpus, tmp_path / "split", **overrides), MODEL_SPEC)
-    monkeypatch.setattr(CheckpointManager, "save", original_save)
-    resumed = train(tiny_config(corpus, tmp_path / "split", **overrides), MODEL_SPEC)
+    resumed = crash_at_first_save_and_resume(tiny_config(corpus, tmp_path / "split", **overrides), monkeypatch)
     assert sorted(resumed.losses) == [3, 4]
     assert resumed.losses == {step: full.losses[step] for step in (3, 4)}
 
