@@ -447,7 +447,7 @@ def _produce(args: DataArgs, state: DataLoaderState, shards: dict[str, tuple[_Sh
         signal.signal(signum, signal.SIG_IGN)
     parent = mp.parent_process()
     try:
-        tokenizer = build_tokenizer(args.tokenizer.name, args.tokenizer.path)
+        tokenizer = build_tokenizer(args.tokenizer.name, args.tokenizer.path, args.tokenizer.encoding)
         for batch, batch_state in _train_stream(args, state, shards, tokenizer):
             while not slots.acquire(timeout=0.1):
                 if stop.is_set() or (parent is not None and not parent.is_alive()):
@@ -494,7 +494,7 @@ def build_dataloader(
     shards = _rank_shards(args, rank, world_size)
     _check_state(state, shards, rank, world_size)
     if not args.load_async:
-        stream = _train_stream(args, state, shards, build_tokenizer(args.tokenizer.name, args.tokenizer.path))
+        stream = _train_stream(args, state, shards, build_tokenizer(args.tokenizer.name, args.tokenizer.path, args.tokenizer.encoding))
         try:
             yield stream
         finally:
@@ -533,7 +533,7 @@ def iter_validation_batches(
     if batch_size < 1 or (max_batches is not None and max_batches < 0):
         raise DataError(f"validation needs batch_size >= 1 and max_batches >= 0, got {batch_size}, {max_batches}")
     shards = tuple(_Shard(path, world_size, rank) for path in _find_files(args.root_dir, source, VAL_PATTERN))
-    tokenizer = build_tokenizer(args.tokenizer.name, args.tokenizer.path)
+    tokenizer = build_tokenizer(args.tokenizer.name, args.tokenizer.path, args.tokenizer.encoding)
     return _validation_batches(args, shards, tokenizer, batch_size, max_batches)
 
 

@@ -205,7 +205,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     dp_rank, dp_size = dp_rank_and_size(mesh)
     # Inputs are checked (tokenizer file, data shards) before anything is written.
     prepare_sources(cfg.data)
-    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
+    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path, cfg.data.tokenizer.encoding)
     data_state = init_dataloader_state(cfg.data, dp_rank, dp_size)
     dump_dir = Path(cfg.dump_dir)
     dump_dir.mkdir(parents=True, exist_ok=True)
