@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         vocab = ByteTokenizer().n_words
     else:
         dense_cfg, pk_cfg = load_config(MainTrainArgs, args.dense_config), load_config(MainTrainArgs, args.pk_config)
-        dense_args, pk_args = dense_cfg.model, pk_cfg.model
+        lazy_values = dataclasses.replace(pk_cfg.model.productkey_args, value_update="lazy")  # the config's dense rule rewrites every row
+        dense_args, pk_args = dense_cfg.model, dataclasses.replace(pk_cfg.model, productkey_args=lazy_values)
         batch, seq, vocab = pk_cfg.data.batch_size, pk_cfg.data.seq_len, args.vocab
     batch, seq = args.batch_size or batch, args.seq_len or seq
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -327,7 +327,7 @@ def load_trained_model(
     the meta device, initialized (buffers not in the checkpoint) and loaded."""
     weights, params = resolve_checkpoint(ckpt)
     cfg = config_from_dict(config_class, json.loads(params.read_text()), source=str(params))
-    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
+    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path, cfg.data.tokenizer.encoding)
     target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     with torch.device("meta"):
         model = build(cfg.model, tokenizer)

@@ -8,6 +8,7 @@ and `build_dataloader`; validation loss uses `iter_validation_batches`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -27,6 +28,8 @@ import numpy as np
 from lingua.args import ConfigError, InputError
 from lingua.synthetic import ensure_corpus
 from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer
+
+logger = logging.getLogger(__name__)
 
 # Layout: <root_dir>/<source>/<name>.chunk.<k>.jsonl for training, <name>.val.jsonl for validation;
 # one JSON object per line, its text under "text" or else "content". Blank lines are ignored.
@@ -191,16 +194,25 @@ def find_chunks(root_dir: str, source: str) -> list[str]:
     return _find_files(root_dir, source, TRAIN_PATTERN)
 
 
+def chunks_divide_evenly(n_chunks: int, world_size: int) -> bool:
+    """Whether each rank can own whole chunks (or an equal share of one): W divides the chunk count
+    or the chunk count divides W."""
+    return n_chunks % world_size == 0 or world_size % n_chunks == 0
+
+
 def _assign(chunks: list[str], rank: int, world_size: int) -> tuple[_Shard, ...]:
-    """This rank's part of a source: with at least as many chunks as ranks, rank r reads chunks
-    r, r+W, ...; otherwise chunk c is shared by the ranks {r : r % n_chunks == c}, which take every
-    k-th line at offsets 0..k-1. Disjoint across ranks; together they cover every line."""
+    """This rank's part of a source. Ranks read at one rate, so every chunk must get the same share
+    of readers per line: when W divides the chunk count, rank r reads chunks r, r+W, ...; when the
+    chunk count divides W, chunk c is shared by the W / n_chunks ranks {r : r % n_chunks == c},
+    which take every k-th line at offsets 0..k-1; otherwise every rank takes every W-th line of
+    every chunk (each rank then scans all the files). Disjoint across ranks; together they cover
+    every line, and every line is read once per epoch of its rank."""
     n_chunks = len(chunks)
-    if n_chunks >= world_size:
+    if n_chunks % world_size == 0:
         return tuple(_Shard(path, 1, 0) for path in chunks[rank::world_size])
-    chunk = rank % n_chunks
-    sharing = len(range(chunk, world_size, n_chunks))
-    return (_Shard(chunks[chunk], sharing, rank // n_chunks),)
+    if world_size % n_chunks == 0:
+        return (_Shard(chunks[rank % n_chunks], world_size // n_chunks, rank // n_chunks),)
+    return tuple(_Shard(path, world_size, rank) for path in chunks)
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -229,8 +241,17 @@ def prepare_sources(args: DataArgs) -> None:
 
 
 def init_dataloader_state(args: DataArgs, rank: int, world_size: int) -> DataLoaderState:
-    """The state before the first batch; checks that every source has chunk files."""
+    """The state before the first batch; checks that every source has chunk files (and says, on
+    rank 0, when a chunk count makes every rank scan every file of a source)."""
     shards = _rank_shards(args, rank, world_size)
+    for name in sorted(args.sources):
+        n_chunks = len(find_chunks(args.root_dir, name))
+        if rank == 0 and not chunks_divide_evenly(n_chunks, world_size):
+            logger.warning(
+                "source '%s': %d chunks do not divide among %d data-parallel ranks (nor they among the chunks), so each "
+                "rank reads every %dth line of every chunk (all ranks scan all files); shard it into a multiple of %d "
+                "chunks to read less", name, n_chunks, world_size, world_size, world_size,
+            )
     readers = {name: ReaderState(file=files[0].name) for name, files in shards.items()}
     rng = np.random.Generator(np.random.PCG64(_seed(args.seed, rank, 0)))
     return DataLoaderState(rank, world_size, PackState(MixState(readers, rng.bit_generator.state), 0), 0, 0)
@@ -426,7 +447,7 @@ def _produce(args: DataArgs, state: DataLoaderState, shards: dict[str, tuple[_Sh
         signal.signal(signum, signal.SIG_IGN)
     parent = mp.parent_process()
     try:
-        tokenizer = build_tokenizer(args.tokenizer.name, args.tokenizer.path)
+        tokenizer = build_tokenizer(args.tokenizer.name, args.tokenizer.path, args.tokenizer.encoding)
         for batch, batch_state in _train_stream(args, state, shards, tokenizer):
             while not slots.acquire(timeout=0.1):
                 if stop.is_set() or (parent is not None and not parent.is_alive()):
@@ -473,7 +494,7 @@ def build_dataloader(
     shards = _rank_shards(args, rank, world_size)
     _check_state(state, shards, rank, world_size)
     if not args.load_async:
-        stream = _train_stream(args, state, shards, build_tokenizer(args.tokenizer.name, args.tokenizer.path))
+        stream = _train_stream(args, state, shards, build_tokenizer(args.tokenizer.name, args.tokenizer.path, args.tokenizer.encoding))
         try:
             yield stream
         finally:
@@ -512,7 +533,7 @@ def iter_validation_batches(
     if batch_size < 1 or (max_batches is not None and max_batches < 0):
         raise DataError(f"validation needs batch_size >= 1 and max_batches >= 0, got {batch_size}, {max_batches}")
     shards = tuple(_Shard(path, world_size, rank) for path in _find_files(args.root_dir, source, VAL_PATTERN))
-    tokenizer = build_tokenizer(args.tokenizer.name, args.tokenizer.path)
+    tokenizer = build_tokenizer(args.tokenizer.name, args.tokenizer.path, args.tokenizer.encoding)
     return _validation_batches(args, shards, tokenizer, batch_size, max_batches)
 
 

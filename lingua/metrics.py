@@ -7,6 +7,7 @@ file on rank 0 and, when configured, wandb). MFU uses the FLOPs per token the mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -106,7 +107,9 @@ def memory_stats() -> dict[str, float]:
 
 
 class Throughput:
-    """Tokens/s and MFU over the window since the previous `measure` call."""
+    """Tokens/s and MFU over the training time since the previous `measure` call; time spent in
+    `excluding(kind)` blocks (validation, checkpoint saves, evaluation) is left out and reported
+    on its own as `time/<kind>_s`."""
 
     def __init__(self, flops_per_token: float, peak_flops: float | None, world_size: int = 1) -> None:
         self.flops_per_token = flops_per_token
@@ -114,18 +117,31 @@ class Throughput:
         self.world_size = world_size
         self._start = time.perf_counter()
         self._tokens = 0
+        self._excluded: dict[str, float] = {}
 
     def add_tokens(self, n_tokens: int) -> None:
         self._tokens += n_tokens
 
+    @contextlib.contextmanager
+    def excluding(self, kind: str) -> Iterator[None]:
+        """Leave the time spent inside out of the training window (`time/<kind>_s` instead)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # training work still queued on the GPU counts as training
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._excluded[kind] = self._excluded.get(kind, 0.0) + time.perf_counter() - start
+
     def measure(self) -> dict[str, float]:
         now = time.perf_counter()
-        elapsed = max(now - self._start, 1e-9)
+        elapsed = max(now - self._start - sum(self._excluded.values()), 1e-9)
         tokens_per_s = self._tokens / elapsed  # this rank's tokens
         record = {"speed/tokens_per_s": tokens_per_s, "speed/flops_per_s": tokens_per_s * self.flops_per_token}
         if self.peak_flops:
             record["speed/mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
-        self._start, self._tokens = now, 0
+        record |= {f"time/{kind}_s": seconds for kind, seconds in self._excluded.items()}
+        self._start, self._tokens, self._excluded = now, 0, {}
         return record
 
 

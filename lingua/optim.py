@@ -1,7 +1,7 @@
 """AdamW with tagged parameter groups, learning-rate schedules and global gradient-norm clipping.
 
 The training loop calls `build_optimizer(model, args, n_steps, param_groups)` once and
-`clip_grad_norm(params, args.clip)` once per optimizer step; apps pass extra `ParamGroupSpec`s
+`clip_gradients(params, optimizer, args)` once per optimizer step; apps pass extra `ParamGroupSpec`s
 (memory values with their own fixed lr) and everything else falls into the default groups.
 One optimizer (`AdamW`) serves dense groups (torch's fused / foreach AdamW) and row-sparse groups
 (product-key values, whose gradients are sparse COO over rows: lazy or exact dense AdamW, or
@@ -33,20 +33,23 @@ RowUpdate = Literal["lazy", "dense", "rowwise_adagrad"]  # update rule of a row-
 @dataclass
 class OptimArgs:
     lr: float = 3e-4  # base (peak) learning rate
-    weight_decay: float = 0.1  # decoupled AdamW decay of matrices (not norms, biases, other 1-D params)
+    weight_decay: float = 0.1  # decoupled AdamW decay of matrices (1-D params and embeddings: see decay_norms_and_biases, decay_embeddings)
     epsilon: float = 1e-8  # Adam epsilon
     beta1: float = 0.9  # Adam first-moment decay
     beta2: float = 0.95  # Adam second-moment decay
     clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still measured)
+    clip_value_groups_separately: bool = False  # clip the row-sparse (memory value) groups and the rest each to `clip`, as the public Memory Layers code does
     scheduler: SchedulerName = "cosine"  # lr multiplier after warmup (see lr_multiplier)
     warmup: int = 100  # linear warmup steps: lr * (step+1)/(warmup+1), full lr at step `warmup`
+    warmup_from_zero: bool = False  # warmup lr * step/warmup instead (0 at step 0, as the public Meta Lingua / Memory Layers code)
     lr_min_ratio: float = 0.1  # floor of the decay, as a fraction of the lr
-    cycle_length: float = 1.0  # cosine: period as a fraction of the post-warmup steps (< 1: restarts)
+    cycle_length: float = 1.0  # cosine: length of the descent as a fraction of the post-warmup steps (< 1: restarts from the peak after each)
     cosine_theta: float = 1.0  # cosine: progress exponent (> 1 keeps the lr high longer)
     decay_fraction: float = 0.1  # wsd: the decay takes this last fraction of the steps
     exp_factor: float = 0.5  # inv_sqrt: lr * ((warmup+1)/(step+1)) ** exp_factor
     annealing_step: int | None = None  # accepted for compatibility with the public Memory Layers configs; no effect (no schedule reads it there either)
     decay_embeddings: bool = False  # also apply weight decay to nn.Embedding tables
+    decay_norms_and_biases: bool = False  # also apply weight decay to 1-D params (norm gains, biases), as the public Meta Lingua / Memory Layers code does
 
     def __post_init__(self) -> None:
         positive = {"lr": self.lr, "epsilon": self.epsilon, "cycle_length": self.cycle_length}
@@ -103,7 +106,12 @@ def _inv_sqrt(progress: float, step: int, args: OptimArgs) -> float:
 
 
 def _cosine(progress: float, step: int, args: OptimArgs) -> float:
-    angle = math.pi * progress**args.cosine_theta / args.cycle_length
+    if args.cycle_length >= 1:
+        angle = math.pi * progress**args.cosine_theta / args.cycle_length
+    else:  # sawtooth: each cycle descends from the peak; the end of a cycle belongs to it, not to the next
+        cycles = progress / args.cycle_length
+        within = cycles - (math.ceil(cycles) - 1) if cycles > 0 else 0.0
+        angle = math.pi * within**args.cosine_theta
     return args.lr_min_ratio + (1 - args.lr_min_ratio) * 0.5 * (1 + math.cos(angle))
 
 
@@ -120,17 +128,19 @@ def wsd_decay_steps(args: OptimArgs, n_steps: int) -> int:
 
 
 def lr_multiplier(step: int, args: OptimArgs, n_steps: int) -> float:
-    """Linear warmup (step+1)/(warmup+1), then the named schedule; progress runs 0 -> 1 from the end
-    of warmup to n_steps and stays at 1 after it.
+    """Linear warmup (step+1)/(warmup+1) (step/warmup with warmup_from_zero), then the named
+    schedule; progress runs 0 -> 1 from the end of warmup to n_steps and stays at 1 after it.
 
     constant: 1. linear: 1 -> lr_min_ratio. inv_sqrt: ((warmup+1)/(step+1))**exp_factor, floored.
-    cosine: r + (1-r)(1 + cos(pi * progress**theta / cycle_length))/2 with r = lr_min_ratio.
+    cosine: r + (1-r)(1 + cos(pi * progress**theta / cycle_length))/2 with r = lr_min_ratio;
+    with cycle_length < 1, restarts: cos(pi * c**theta) where c runs 0 -> 1 in each cycle of
+    cycle_length * (n_steps - warmup) steps.
     wsd: 1 until the last decay_fraction of the steps, then r + (1-r)(1 - sqrt(p)), p: 0 -> 1
     over the decay window (the "1-sqrt" cooldown).
     Warmup takes precedence: a run shorter than its warmup never leaves it.
     """
     if step < args.warmup:
-        return (step + 1) / (args.warmup + 1)
+        return step / args.warmup if args.warmup_from_zero else (step + 1) / (args.warmup + 1)
     if args.scheduler == "wsd":
         decay_steps = wsd_decay_steps(args, n_steps)
         decay_progress = min(max(step - (n_steps - decay_steps), 0) / decay_steps, 1.0)
@@ -148,14 +158,14 @@ def _no_schedule(step: int) -> float:
 
 
 def _default_groups(model: nn.Module, args: OptimArgs, claimed: set[int]) -> list[ParamGroupSpec]:
-    """Unclaimed trainable parameters: matrices decay; norms, biases, other 1-D params and
-    (unless decay_embeddings) nn.Embedding tables do not."""
+    """Unclaimed trainable parameters: matrices decay; norms, biases, other 1-D params (unless
+    decay_norms_and_biases) and nn.Embedding tables (unless decay_embeddings) do not."""
     embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad or id(param) in claimed:
             continue
-        excluded = param.ndim < 2 or (id(param) in embedding_ids and not args.decay_embeddings)
+        excluded = (param.ndim < 2 and not args.decay_norms_and_biases) or (id(param) in embedding_ids and not args.decay_embeddings)
         (no_decay if excluded else decay).append(param)
     return [ParamGroupSpec("decay", decay), ParamGroupSpec("no_decay", no_decay, weight_decay=0.0)]
 
@@ -550,6 +560,21 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float, norm_type: float =
                 values = grad_of(param)._values()  # type: ignore[union-attr]
                 values.mul_(coef.to(values.device, values.dtype))
     return total_norm
+
+
+def clip_gradients(params: Iterable[Tensor], optimizer: torch.optim.Optimizer, args: OptimArgs) -> Tensor:
+    """Clip once per optimizer step as `args` say: one global norm to `args.clip`, or with
+    clip_value_groups_separately the row-sparse groups' parameters (memory values) and all the
+    others each to `args.clip`. Returns the global norm of all gradients before clipping."""
+    params = list(params)
+    if not args.clip_value_groups_separately:
+        return clip_grad_norm(params, args.clip)
+    row_sparse = {id(p) for group in optimizer.param_groups if group["row_update"] is not None for p in group["params"]}
+    values = [p for p in params if id(p) in row_sparse]
+    others = [p for p in params if id(p) not in row_sparse]
+    norms = [clip_grad_norm(values, args.clip), clip_grad_norm(others, args.clip)]
+    device = norms[1].device if others else norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
 def _sparse_norm(param: Tensor, norm_type: float) -> Tensor:

@@ -1,9 +1,9 @@
 """Preemption: SIGTERM, SIGUSR1 and SIGUSR2 make training save a checkpoint and stop cleanly.
 
 SLURM sends SIGUSR1/SIGUSR2 ahead of a time limit (`--signal`) and SIGTERM on preemption or
-cancel. The handler only sets a flag; the trainer checks it once per step (agreed by all ranks),
-saves, and, for a time-limit signal under SLURM, requeues the job so it continues from that
-checkpoint.
+cancel. The handler only sets a flag; the trainer checks it after every step (with several
+ranks, every `check_every` steps: agreeing costs an all-reduce and a host sync), saves, and, for
+a time-limit signal under SLURM, requeues the job so it continues from that checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ STOP_SIGNALS = (signal.SIGTERM,)  # preempted or cancelled: save, stop
 class PreemptionWatcher:
     """Installs the handlers on enter, restores the previous ones on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, check_every: int = 1) -> None:
+        self.check_every = check_every  # steps between the ranks' agreements (a single process checks every step)
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -44,10 +45,13 @@ class PreemptionWatcher:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def agreed_signal(self, device: torch.device) -> int | None:
-        """The signal any rank received (every rank gets the same answer, so all stop at one step)."""
+    def agreed_signal(self, device: torch.device, step: int) -> int | None:
+        """After optimizer step `step`: the signal any rank received, at steps that are multiples of
+        check_every (None in between); every rank gets the same answer, so all stop at one step."""
         if not dist.is_initialized():
             return self.received
+        if step % self.check_every:
+            return None
         flag = torch.tensor([self.received or 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None

@@ -1,8 +1,9 @@
 """Profiling windows: a torch profiler trace of a few steps and, on GPU, a CUDA memory snapshot.
 
-`maybe_profile(args, dump_dir, start_step)` is entered once by the trainer; its `step()` is called
-after every optimizer step. Traces go to `<dump_dir>/<trace_folder>/` as Chrome trace JSON
-(open in Perfetto or chrome://tracing); memory snapshots as pickles for PyTorch's memory viz.
+`maybe_profile(args, dump_dir, start_step, rank)` is entered once by the trainer; its `step()` is
+called after every optimizer step. Traces go to `<dump_dir>/<trace_folder>/` as Chrome trace JSON
+(open in Perfetto or chrome://tracing); memory snapshots as pickles for PyTorch's memory viz; every
+file name carries the step and the rank (`trace_step12_rank0.json`), so ranks never overwrite each other.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ProfilerArgs:
     trace_folder: str = "profiling"  # under dump_dir
     profile_warmup: int = 10  # steps before the traced window starts (counted from the run's first step)
     profile_steps: int = 2  # traced steps
-    mem_warmup: int = 5  # steps before the CUDA memory history starts recording
+    mem_warmup: int = 5  # steps before the CUDA memory history starts recording (0: from the first step)
     mem_steps: int = 2  # steps recorded in the memory snapshot
 
     def __post_init__(self) -> None:
@@ -36,9 +37,10 @@ class ProfilerArgs:
 class _Window:
     """Steps a torch profiler and the CUDA memory recorder through their windows."""
 
-    def __init__(self, args: ProfilerArgs, folder: Path, start_step: int) -> None:
+    def __init__(self, args: ProfilerArgs, folder: Path, start_step: int, rank: int) -> None:
         self.args = args
         self.folder = folder
+        self.rank = rank
         self.steps_seen = 0
         self.start_step = start_step
         self.profiler: profile | None = None
@@ -55,9 +57,16 @@ class _Window:
             with_flops=True,
         )
         self.profiler.start()
+        if self.args.mem_warmup == 0:
+            self._record_memory()
+
+    def _record_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+            self.recording_memory = True
 
     def _save_trace(self, prof: profile) -> None:
-        path = self.folder / f"trace_step{self.start_step + self.steps_seen}.json"
+        path = self.folder / f"trace_step{self.start_step + self.steps_seen}_rank{self.rank}.json"
         prof.export_chrome_trace(str(path))
         logger.info("profiler trace written to %s", path)
 
@@ -65,13 +74,10 @@ class _Window:
         self.steps_seen += 1
         if self.profiler is not None:
             self.profiler.step()
-        if not torch.cuda.is_available():
-            return
         if self.steps_seen == self.args.mem_warmup:
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
-            self.recording_memory = True
+            self._record_memory()
         elif self.recording_memory and self.steps_seen == self.args.mem_warmup + self.args.mem_steps:
-            path = self.folder / f"memory_snapshot_step{self.start_step + self.steps_seen}.pickle"
+            path = self.folder / f"memory_snapshot_step{self.start_step + self.steps_seen}_rank{self.rank}.pickle"
             torch.cuda.memory._dump_snapshot(str(path))
             torch.cuda.memory._record_memory_history(enabled=None)
             self.recording_memory = False
@@ -90,13 +96,13 @@ class _NoProfile:
 
 
 @contextlib.contextmanager
-def maybe_profile(args: ProfilerArgs, dump_dir: Path, start_step: int = 0) -> Iterator[_Window | _NoProfile]:
+def maybe_profile(args: ProfilerArgs, dump_dir: Path, start_step: int = 0, rank: int = 0) -> Iterator[_Window | _NoProfile]:
     if not args.run:
         yield _NoProfile()
         return
     folder = Path(dump_dir) / args.trace_folder
     folder.mkdir(parents=True, exist_ok=True)
-    window = _Window(args, folder, start_step)
+    window = _Window(args, folder, start_step, rank)
     window.start()
     try:
         yield window

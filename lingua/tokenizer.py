@@ -1,7 +1,8 @@
 """Tokenizers: `bytes`, `sp` (sentencepiece model file) and `tiktoken` (local `.tiktoken` BPE ranks file).
 
-`build_tokenizer(name, path)` is the one constructor; the data pipeline, generation and eval use
-only the `Tokenizer` interface below. The setup scripts (`setup/train_tokenizer.py`,
+`build_tokenizer(name, path, encoding)` is the one constructor; the data pipeline, generation and
+eval use only the `Tokenizer` interface below. A ranks file is read with the pre-tokenizer pattern
+and special tokens of its encoding (`TIKTOKEN_ENCODINGS`: Llama 3, GPT-2, cl100k_base, o200k_base). The setup scripts (`setup/train_tokenizer.py`,
 `setup/download_tokenizer.py`) write tokenizer files through `publish_tokenizer_file`.
 """
 
@@ -21,12 +22,33 @@ from typing import Callable, Literal, Mapping, Sequence
 from lingua.args import ConfigError, InputError
 
 TokenizerName = Literal["bytes", "sp", "tiktoken"]
+TiktokenEncodingName = Literal["auto", "llama3", "gpt2", "cl100k_base", "o200k_base"]
 
 # Pre-tokenization of the Llama 3 tokenizer: contractions, letter runs (with one leading
 # non-letter), numbers of up to 3 digits, punctuation runs, newlines, then other whitespace.
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# GPT-2 (r50k_base): lowercase contractions, runs of letters, of digits or of other symbols each
+# with at most one leading space, trailing whitespace, whitespace before a non-space but its last.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# cl100k_base: like Llama 3's (which derives from it) with possessive quantifiers.
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+# o200k_base: words split at case changes, each with its contraction; digits by 3; symbols; whitespace.
+O200K_PATTERN = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
 )
 
 NUM_SPECIAL_TOKENS = 256
@@ -48,6 +70,48 @@ def llama3_special_tokens() -> list[str]:
     ]
     reserved = [f"<|reserved_special_token_{i}|>" for i in range(5, NUM_SPECIAL_TOKENS - 5)]
     return named + reserved
+
+
+@dataclass(frozen=True)
+class TiktokenEncoding:
+    """How a ranks file is read: its pre-tokenizer and the special tokens around its ranks."""
+
+    pattern: str
+    n_ranks: int | None  # the file holds exactly this many ranks (None: any number)
+    special_tokens: Callable[[int], dict[str, int]]  # number of ranks -> {special token: id}
+    bos: str  # the special token that opens a document
+    eos: str  # ... and the one that ends it (the same one for encodings with a single special token)
+
+
+def _llama3_specials(n_ranks: int) -> dict[str, int]:
+    return {token: n_ranks + i for i, token in enumerate(llama3_special_tokens())}
+
+
+TIKTOKEN_ENCODINGS: Mapping[str, TiktokenEncoding] = MappingProxyType(
+    {
+        # Any number of ranks, then the 256 Llama 3 specials (also the files setup/train_tokenizer.py writes).
+        "llama3": TiktokenEncoding(LLAMA3_PATTERN, None, _llama3_specials, "<|begin_of_text|>", "<|end_of_text|>"),
+        # 50256 ranks and <|endoftext|> = 50256: 50257 tokens.
+        "gpt2": TiktokenEncoding(GPT2_PATTERN, 50256, lambda n: {"<|endoftext|>": 50256}, "<|endoftext|>", "<|endoftext|>"),
+        "cl100k_base": TiktokenEncoding(
+            CL100K_PATTERN, 100256,
+            lambda n: {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
+            "<|endoftext|>", "<|endoftext|>",
+        ),
+        "o200k_base": TiktokenEncoding(
+            O200K_PATTERN, 199998, lambda n: {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}, "<|endoftext|>", "<|endoftext|>"
+        ),
+    }
+)
+
+
+def resolve_encoding(encoding: str, n_ranks: int) -> str:
+    """The encoding a ranks file is read with: `encoding` itself, or for "auto" the encoding whose
+    rank count the file has (GPT-2: 50256, cl100k_base: 100256, o200k_base: 199998), else llama3."""
+    if encoding != "auto":
+        return encoding
+    by_count = {spec.n_ranks: name for name, spec in TIKTOKEN_ENCODINGS.items() if spec.n_ranks is not None}
+    return by_count.get(n_ranks, "llama3")
 
 
 # tiktoken's encoder rejects texts past ~400K characters and gets slow on very long runs of
@@ -100,10 +164,13 @@ def _check_file(name: str, path: str | None) -> Path:
 class TokenizerArgs:
     name: TokenizerName = "bytes"  # bytes: UTF-8 bytes, no file; sp: sentencepiece; tiktoken: BPE ranks file
     path: str | None = None  # the model file for sp / tiktoken, relative to the current directory; unused by bytes
+    encoding: TiktokenEncodingName = "auto"  # tiktoken: pattern and special tokens of the file (auto: GPT-2 / cl100k / o200k by rank count, else Llama 3)
 
     def __post_init__(self) -> None:
         if self.name != "bytes" and not self.path:
             raise ConfigError(_missing_path_message(self.name))
+        if self.encoding != "auto" and self.name != "tiktoken":
+            raise ConfigError(f"tokenizer.encoding={self.encoding} applies to tokenizer.name=tiktoken only, not {self.name}")
 
 
 class Tokenizer(ABC):
@@ -190,11 +257,13 @@ def _encode_slices(text: str) -> list[str]:
 
 
 class TikTokenTokenizer(Tokenizer):
-    """A local `.tiktoken` BPE ranks file with the Llama 3 pre-tokenizer, plus the 256 Llama 3
-    special tokens numbered after the ranks. BOS = <|begin_of_text|>, EOS = <|end_of_text|>.
-    Special tokens are never parsed from text: "<|eot_id|>" in a document is plain text."""
+    """A local `.tiktoken` BPE ranks file read as its encoding (see TIKTOKEN_ENCODINGS): Llama 3's
+    pre-tokenizer and 256 special tokens numbered after the ranks (BOS <|begin_of_text|>, EOS
+    <|end_of_text|>), or GPT-2's pattern and single <|endoftext|> = 50256 (BOS = EOS), ...
+    `n_words` is the highest token id + 1. Special tokens are never parsed from text:
+    "<|eot_id|>" in a document is plain text."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, encoding: str = "auto") -> None:
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
@@ -214,16 +283,25 @@ class TikTokenTokenizer(Tokenizer):
                 f"(empty, duplicated or with gaps). To {_how_to_get('tiktoken', path)}"
             )
         self.n_base = len(ranks)
-        self.special_tokens = {token: self.n_base + i for i, token in enumerate(llama3_special_tokens())}
+        if encoding not in TIKTOKEN_ENCODINGS and encoding != "auto":
+            raise ConfigError(f"tokenizer.encoding={encoding!r}: choose auto or one of {sorted(TIKTOKEN_ENCODINGS)}")
+        self.encoding_name = resolve_encoding(encoding, self.n_base)
+        spec = TIKTOKEN_ENCODINGS[self.encoding_name]
+        if spec.n_ranks is not None and spec.n_ranks != self.n_base:
+            raise TokenizerFileError(
+                f"'{path}' holds {self.n_base} BPE ranks, but the {self.encoding_name} encoding has {spec.n_ranks}; "
+                f"set tokenizer.encoding to the file's encoding (auto: by its rank count)"
+            )
+        self.special_tokens = spec.special_tokens(self.n_base)
         self._encoding = tiktoken.Encoding(
             name=file.name,
-            pat_str=LLAMA3_PATTERN,
+            pat_str=spec.pattern,
             mergeable_ranks=ranks,
             special_tokens=self.special_tokens,
         )
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.n_words = self.n_base + NUM_SPECIAL_TOKENS
+        self.bos_id = self.special_tokens[spec.bos]
+        self.eos_id = self.special_tokens[spec.eos]
+        self.n_words = max(self.special_tokens.values()) + 1
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         if len(text) <= MAX_RUN_CHARS:
@@ -244,20 +322,21 @@ def serialize_tiktoken_bpe(ranks: Mapping[bytes, int]) -> bytes:
     return b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in by_rank)
 
 
-_BUILDERS: Mapping[str, Callable[[str | None], Tokenizer]] = MappingProxyType(
+_BUILDERS: Mapping[str, Callable[[str | None, str], Tokenizer]] = MappingProxyType(
     {
-        "bytes": lambda path: ByteTokenizer(),
-        "sp": SentencePieceTokenizer,
+        "bytes": lambda path, encoding: ByteTokenizer(),
+        "sp": lambda path, encoding: SentencePieceTokenizer(path),
         "tiktoken": TikTokenTokenizer,
     }
 )
 
 
-def build_tokenizer(name: str, path: str | None = None) -> Tokenizer:
-    """The tokenizer `name` (one of TokenizerName) reading `path`; `bytes` ignores `path`."""
+def build_tokenizer(name: str, path: str | None = None, encoding: str = "auto") -> Tokenizer:
+    """The tokenizer `name` (one of TokenizerName) reading `path`; `bytes` ignores `path`;
+    `encoding` (one of TiktokenEncodingName) is how tiktoken reads its ranks file."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown tokenizer name '{name}'; choose one of {sorted(_BUILDERS)}")
-    return _BUILDERS[name](path)
+    return _BUILDERS[name](path, encoding)
 
 
 def publish_tokenizer_file(data: bytes, name: TokenizerName, path: str | Path) -> Tokenizer:

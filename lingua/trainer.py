@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lingua.args import dump_config, to_dict
+from lingua.args import ConfigError, dump_config, to_dict
 from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights, rng_state, set_rng_state
 from lingua.data import DataArgs, DataLoaderState, build_dataloader, init_dataloader_state, iter_validation_batches, prepare_sources
 from lingua.distributed import (
@@ -39,7 +39,7 @@ from lingua.distributed import (
 )
 from lingua.eval_harness import EvalArgs
 from lingua.metrics import LoggingArgs, MetricLogger, NullLogger, Throughput, device_peak_flops, memory_stats, metric_path, progress_line
-from lingua.optim import OptimArgs, ParamGroupSpec, all_reduce_row_grads, build_optimizer, clip_grad_norm
+from lingua.optim import OptimArgs, ParamGroupSpec, all_reduce_row_grads, build_optimizer, clip_gradients
 from lingua.preemption import REQUEUE_SIGNALS, PreemptionWatcher, requeue_slurm_job
 from lingua.profiling import ProfilerArgs, maybe_profile
 from lingua.tokenizer import Tokenizer, build_tokenizer
@@ -63,7 +63,8 @@ class TrainArgs:
     seed: int = 42  # seeds python, numpy and torch (model init uses the model's own seed)
     steps: int = 1000  # optimizer steps
     grad_acc_steps: int = 1  # micro-batches per optimizer step
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop naming the step, or skip its update (checked every step)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop naming the step, or skip its update (checked every step; the schedule still advances)
+    preemption_check_every: int = 10  # with several ranks, steps between their agreement on a stop signal (an all-reduce and a host sync); 1: every step
     data: DataArgs = field(default_factory=DataArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
@@ -80,6 +81,8 @@ class TrainArgs:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.grad_acc_steps < 1:
             raise ValueError(f"grad_acc_steps must be >= 1, got {self.grad_acc_steps}")
+        if self.preemption_check_every < 1:
+            raise ConfigError(f"preemption_check_every={self.preemption_check_every} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     dp_rank, dp_size = dp_rank_and_size(mesh)
     # Inputs are checked (tokenizer file, data shards) before anything is written.
     prepare_sources(cfg.data)
-    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path)
+    tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path, cfg.data.tokenizer.encoding)
     data_state = init_dataloader_state(cfg.data, dp_rank, dp_size)
     dump_dir = Path(cfg.dump_dir)
     dump_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +255,8 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     def run_validation() -> None:
         if cfg.validation.every <= 0:
             return
-        record = validation_loss(model, cfg, env, mesh)
+        with throughput.excluding("validation"):
+            record = validation_loss(model, cfg, env, mesh)
         if "val/loss" in record:
             result.val_losses[step] = record["val/loss"]
             logger.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in record.items()))
@@ -261,8 +265,8 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     with contextlib.ExitStack() as stack:
         metrics = stack.enter_context(MetricLogger(metric_path(dump_dir), cfg.logging.wandb, cfg.name, to_dict(cfg)) if env.is_main else NullLogger())
         batches: Iterator = stack.enter_context(build_dataloader(cfg.data, data_state, dp_rank, dp_size))
-        profiler = stack.enter_context(maybe_profile(cfg.profiling, dump_dir, start_step=step))
-        preemption = stack.enter_context(PreemptionWatcher())
+        profiler = stack.enter_context(maybe_profile(cfg.profiling, dump_dir, start_step=step, rank=env.rank))
+        preemption = stack.enter_context(PreemptionWatcher(cfg.preemption_check_every))
         model.train()
         if step == 0:
             run_validation()
@@ -280,8 +284,9 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                 window_losses.append(loss.detach().float())
             if dp_size > 1:  # FSDP reduced the dense gradients; row-sparse ones (memory values) are averaged here
                 all_reduce_row_grads(optimizer, dp_group(mesh))
-            grad_norm = clip_grad_norm(model.parameters(), cfg.optim.clip)
+            grad_norm = clip_gradients(model.parameters(), optimizer, cfg.optim)
             step += 1
+            step_lr = scheduler.get_last_lr()[0]  # the lr of this step's update (logged)
             if cfg.on_nonfinite == "skip" and _nonfinite_anywhere(window_losses[-cfg.grad_acc_steps :], grad_norm, mesh):
                 del window_losses[-cfg.grad_acc_steps :]  # the step's data is consumed, its update dropped
                 result.skipped_steps.append(step)
@@ -289,12 +294,12 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
             else:
                 window_norms.append(grad_norm.detach().float())
                 optimizer.step()
-                scheduler.step()
+            scheduler.step()  # a skipped update still takes its step of the schedule
             optimizer.zero_grad(set_to_none=True)
             throughput.add_tokens(tokens_per_step)
             profiler.step()
 
-            stop_signal = preemption.agreed_signal(env.device)
+            stop_signal = preemption.agreed_signal(env.device, step)
             is_final = step == cfg.steps or stop_signal is not None
             must_save = checkpoints.should_save(step, final=is_final)
             if (step % cfg.logging.freq == 0 or is_final or must_save) and window_norms:
@@ -304,7 +309,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                     "step": step,
                     "loss": step_losses[-1].item(),
                     "grad_norm": window_norms[-1].item(),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": step_lr,
                     "tokens": step * tokens_per_step * dp_size,
                     **throughput.measure(),
                     **memory_stats(),
@@ -328,9 +333,11 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                 run_validation()
             if must_save:
                 train_state = {"scheduler": scheduler.state_dict(), "data": data_state.to_dict()}
-                result.last_checkpoint = checkpoints.save(step, model, optimizer, train_state, to_dict(cfg))
+                with throughput.excluding("checkpoint"):
+                    result.last_checkpoint = checkpoints.save(step, model, optimizer, train_state, to_dict(cfg))
                 if checkpoints.is_eval_step(step) and cfg.eval is not None and spec.evaluate is not None:
-                    record = _evaluate(spec, cfg, result.last_checkpoint, step, env)
+                    with throughput.excluding("eval"):
+                        record = _evaluate(spec, cfg, result.last_checkpoint, step, env)
                     metrics.log({"step": step, **record})
             if stop_signal is not None:
                 result.preempted_by = signal.Signals(stop_signal).name

@@ -345,3 +345,18 @@ def test_validation_batches(tmp_path):
         (batch,) = iter_validation_batches(args, "s", 100, None, rank, 2)
         expected = np.array([t for text in val[rank::2] for t in _encode(text)])
         np.testing.assert_array_equal(_stream_tokens(list(batch)), expected[: len(batch) * 10 + 1])
+
+
+@pytest.mark.parametrize("world_size,n_chunks", [(2, 3), (3, 2)])
+def test_every_chunk_is_read_at_the_same_rate(tmp_path, world_size, n_chunks):
+    """Ranks consume at one rate; with chunks that do not divide among them, no chunk's lines are
+    drawn more often than another's (owning whole chunks, one rank would cycle a chunk alone)."""
+    _write_source(tmp_path, "s", [_docs([f"c{c}-l{i:02d}" for i in range(12)]) for c in range(n_chunks)])
+    per_chunk = dict.fromkeys(range(n_chunks), 0)
+    for rank in range(world_size):
+        batches = _batches(_args(tmp_path, seq_len=16), 100, rank, world_size)
+        for doc in _complete_docs(_stream_tokens([b[0] for b, _ in batches])):
+            per_chunk[int(doc[1])] += 1
+    lines_per_rank_and_chunk = 12 // world_size
+    # Each rank reads its lines of chunk 0, 1, ... in turn: a partial epoch favours early chunks by at most that much.
+    assert max(per_chunk.values()) - min(per_chunk.values()) <= lines_per_rank_and_chunk * world_size, per_chunk

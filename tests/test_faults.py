@@ -147,6 +147,24 @@ def test_preemption_signal_saves_and_exits_cleanly(corpus, tmp_path, signum):
     assert len(saved) == 1 and int(saved[0].name) == max(logged(dump_dir))
 
 
+def test_ranks_agree_on_a_signal_every_n_steps(tmp_path):
+    """With a process group the ranks agree (an all-reduce and a host sync) only every check_every
+    steps; without one the flag is read every step."""
+    import torch
+    import torch.distributed as dist
+
+    from lingua.preemption import PreemptionWatcher
+
+    watcher = PreemptionWatcher(check_every=4)
+    watcher.received = signal.SIGTERM
+    assert watcher.agreed_signal(torch.device("cpu"), step=1) == signal.SIGTERM  # single process: every step
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert [watcher.agreed_signal(torch.device("cpu"), step) for step in range(1, 9)] == [None] * 3 + [signal.SIGTERM] + [None] * 3 + [signal.SIGTERM]
+    finally:
+        dist.destroy_process_group()
+
+
 # 3. Bad input -------------------------------------------------------------------------------
 
 

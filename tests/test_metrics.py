@@ -34,3 +34,24 @@ def test_memory_stats_keeps_its_keys_and_adds_host_memory() -> None:
     assert "memory/host_max_rss_gib" in stats
     if not torch.cuda.is_available():  # both are the process's peak RSS here
         assert stats["memory/max_rss_gib"] == pytest.approx(stats["memory/host_max_rss_gib"], rel=0.05)
+
+
+def test_throughput_leaves_excluded_time_out() -> None:
+    """Validation, saves and evaluation inside `excluding` do not dilute tokens/s; their time is reported apart."""
+    import time
+
+    from lingua.metrics import Throughput
+
+    throughput = Throughput(flops_per_token=6.0, peak_flops=None)
+    throughput.add_tokens(1000)
+    with throughput.excluding("validation"):
+        time.sleep(0.3)
+    with throughput.excluding("checkpoint"):
+        time.sleep(0.1)
+    record = throughput.measure()
+    assert record["time/validation_s"] >= 0.3 and record["time/checkpoint_s"] >= 0.1
+    assert record["speed/tokens_per_s"] > 100 * 1000 / 0.4  # only the instants outside the blocks count
+    throughput.add_tokens(1000)
+    time.sleep(0.05)
+    record = throughput.measure()
+    assert "time/validation_s" not in record and record["speed/tokens_per_s"] < 1000 / 0.05

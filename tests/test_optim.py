@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lingua.args import ConfigError
-from lingua.optim import OptimArgs, ParamGroupSpec, build_optimizer, clip_grad_norm, lr_multiplier
+from lingua.optim import OptimArgs, ParamGroupSpec, build_optimizer, clip_grad_norm, clip_gradients, lr_multiplier
 from lingua.transformer import RMSNorm
 
 
@@ -53,6 +53,13 @@ WARMUP_AND_DECAY = [
     ("cosine", {"cosine_theta": 2.0}, 60, 0.1 + 0.45 * (1 + math.sqrt(0.5))),
     ("cosine", {"cycle_length": 0.5}, 35, 0.55),  # half way down the first of two cycles
     ("cosine", {"cycle_length": 0.5}, 60, 0.1),
+    ("cosine", {"cycle_length": 0.5}, 70, 0.1 + 0.45 * (1 + math.cos(0.2 * math.pi))),  # restarted: 1/5 into cycle 2
+    ("cosine", {"cycle_length": 0.5}, 110, 0.1),  # the last step ends cycle 2, no jump back up
+    ("cosine", {"cycle_length": 0.25, "cosine_theta": 2.0}, 45, 0.1 + 0.45 * (1 + math.cos(0.16 * math.pi))),  # 0.4 into cycle 2
+    ("constant", {"warmup_from_zero": True}, 0, 0.0),  # the public code: step / warmup
+    ("constant", {"warmup_from_zero": True}, 4, 0.4),
+    ("constant", {"warmup_from_zero": True}, 10, 1.0),
+    ("linear", {"warmup_from_zero": True}, 60, 0.55),
     ("cosine", {"lr_min_ratio": 0.0}, 110, 0.0),
     ("wsd", {}, 5, 6 / 11),
     ("wsd", {}, 50, 1.0),
@@ -231,6 +238,45 @@ def test_clip_matches_torch(max_norm: float, norm_type: float) -> None:
     for p, q in zip(ours.parameters(), ref.parameters()):
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("value_scale", [0.1, 10.0])
+def test_value_groups_clipped_separately(value_scale: float) -> None:
+    """clip_value_groups_separately: the row-sparse group and the rest are each clipped to `clip`,
+    as two torch clip_grad_norm_ calls would (the public Memory Layers code); the returned norm is
+    the global one before clipping. One global clip scales both parts by the same factor."""
+    model = Small()
+    torch.manual_seed(0)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param) * (value_scale if param is model.values.weight else 3.0)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    global_norm = torch.cat([g.flatten() for g in grads.values()]).norm()
+    expected = {name: grad.clone() for name, grad in grads.items()}
+    for part in ([expected["values.weight"]], [g for n, g in expected.items() if n != "values.weight"]):
+        torch.nn.utils.clip_grad_norm_(_holding(part), 1.0)
+    separately = OptimArgs(clip=1.0, clip_value_groups_separately=True)
+    specs = [ParamGroupSpec("memory_values", [model.values.weight], row_update="lazy")]
+    optimizer, _ = build_optimizer(model, separately, 10, specs)
+    torch.testing.assert_close(clip_gradients(model.parameters(), optimizer, separately), global_norm)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], msg=name)
+    assert model.values.weight.grad.norm().item() == pytest.approx(min(grads["values.weight"].norm().item(), 1.0), rel=1e-5)
+
+    for name, param in model.named_parameters():
+        param.grad = grads[name].clone()
+    torch.testing.assert_close(clip_gradients(model.parameters(), optimizer, OptimArgs(clip=1.0)), global_norm)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name] / (global_norm + 1e-6), msg=name)
+
+
+def _holding(grads: list[torch.Tensor]) -> list[nn.Parameter]:
+    """Parameters whose gradients are `grads` themselves, so clipping them clips `grads` in place."""
+    params = []
+    for grad in grads:
+        param = nn.Parameter(torch.zeros_like(grad))
+        param.grad = grad
+        params.append(param)
+    return params
 
 
 def test_clip_zero_measures_only() -> None:

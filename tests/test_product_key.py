@@ -17,6 +17,7 @@ from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, config_from_dict
 from lingua.checkpoint import consolidate, step_dirs
 from lingua.metrics import read_metrics
+from lingua.optim import OptimArgs, build_optimizer
 from lingua.product_key import HashingMemory, MemoryValues, ProductKeyArgs, log_metrics, memory_param_groups, product_key_topk
 from lingua.synthetic import write_corpus
 from lingua.tokenizer import ByteTokenizer
@@ -93,6 +94,16 @@ def test_hashing_memory_gradcheck_float64(pk):
 
     # fast_mode: random projections of the Jacobian (a full one is ~1000 inputs wide).
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_value_weight_decay_null_follows_optim_weight_decay():
+    """value_weight_decay: null gives the values optim.weight_decay, as the public code does."""
+    model = build_on_meta(lm_args(value_weight_decay=None))
+    optimizer, _ = build_optimizer(model, OptimArgs(weight_decay=0.07), 10, memory_param_groups(model))
+    decay = {group["name"]: group["weight_decay"] for group in optimizer.param_groups}
+    assert decay["memory_values"] == 0.07 and decay["decay"] == 0.07
+    with pytest.raises(ConfigError, match="value_weight_decay"):
+        ProductKeyArgs(value_weight_decay=-0.1)
 
 
 def test_every_tensor_initialized_after_meta_build():

@@ -398,3 +398,79 @@ def test_local_files_finds_repo_layout_and_rejects_bad_files(bpe_file: Path, tmp
     with pytest.raises(TokenizerFileError, match="not writing"):
         download_tokenizer.install_tokenizer("llama2", [tmp_path / "junk" / "tokenizer.model"], tmp_path / "out2")
     assert not (tmp_path / "out2" / "llama2.model").exists()
+
+
+# ---- tiktoken encodings: each file read with its own pattern and special tokens ----
+
+BABI_STORY = (
+    "Once upon a time, in a small town, there lived 3 friends.\n\nThey met at 10 o'clock; "
+    "they'll play 42 games.  The end!\n\n\nAnother story: \"I'm here,\" said Tom. 2024 ... ok\t \n"
+)
+
+
+def _ranks_file(path: Path, n_ranks: int) -> dict[bytes, int]:
+    """A ranks file with exactly n_ranks tokens: the 256 bytes, some merges a story uses, then
+    filler pairs and triples (GPT-2's real ranks cannot be downloaded here)."""
+    merges = [b"\n\n", b" 3", b" 1", b"10", b" t", b"he", b" the", b"On", b"ce", b"Once", b" u", b"pon", b" upon", b"'ll", b"'m", b" 4", b"42"]
+    tokens = [bytes([b]) for b in range(256)] + merges
+    seen = set(tokens)
+    for size in (2, 3):
+        for index in range(256**size):
+            if len(tokens) == n_ranks:
+                break
+            token = index.to_bytes(size, "big")
+            if token not in seen:
+                tokens.append(token)
+                seen.add(token)
+    ranks = {token: rank for rank, token in enumerate(tokens)}
+    path.write_bytes(serialize_tiktoken_bpe(ranks))
+    return ranks
+
+
+@pytest.mark.parametrize("encoding,n_ranks", [("gpt2", 50256), ("cl100k_base", 100256), ("o200k_base", 199998)])
+def test_tiktoken_encodings_tokenize_as_tiktoken_does(tmp_path: Path, monkeypatch, encoding: str, n_ranks: int) -> None:
+    """A ranks file of each public encoding (chosen by its rank count, or by name) tokenizes exactly
+    as tiktoken.get_encoding(name) does with those ranks, with its special tokens and vocabulary size."""
+    import tiktoken
+    import tiktoken_ext.openai_public as public
+
+    ranks = _ranks_file(tmp_path / f"{encoding}.tiktoken", n_ranks)
+    monkeypatch.setattr(public, "load_tiktoken_bpe", lambda *args, **kwargs: ranks)  # get_encoding's constructors, offline
+    monkeypatch.setattr(public, "data_gym_to_mergeable_bpe_ranks", lambda *args, **kwargs: ranks)
+    reference = tiktoken.Encoding(**public.ENCODING_CONSTRUCTORS[encoding]())
+    for chosen in ("auto", encoding):
+        tok = build_tokenizer("tiktoken", str(tmp_path / f"{encoding}.tiktoken"), chosen)
+        assert tok.encoding_name == encoding
+        assert tok.special_tokens == reference._special_tokens
+        assert tok.n_words == reference.n_vocab and tok.eos_id == reference.eot_token == tok.bos_id
+        for text in [BABI_STORY, *SAMPLES]:
+            assert tok.encode(text) == reference.encode_ordinary(text), text
+        assert tok.encode("x", add_bos=True, add_eos=True) == [reference.eot_token, *reference.encode_ordinary("x"), reference.eot_token]
+        assert tok.decode(tok.encode(BABI_STORY, add_eos=True)) == BABI_STORY
+
+
+def test_gpt2_file_is_not_read_with_the_llama3_pattern(tmp_path: Path) -> None:
+    """GPT-2's setting: EOS 50256 and 50257 tokens (padded to 50304 by the Mosaics model), " 3"
+    one token and "\\n\\n" two; the Llama 3 reading of the same ranks (asked for by name) differs."""
+    import torch
+
+    from apps.mosaics.train import MosaicsTrainArgs, build_model
+    from lingua.args import parse_args
+
+    path = tmp_path / "gpt2.tiktoken"
+    ranks = _ranks_file(path, 50256)
+    config = REPO / "apps" / "mosaics" / "configs" / "babistories_12l.yaml"
+    cfg = parse_args(MosaicsTrainArgs, [f"config={config}", f"data.tokenizer.path={path}", f"dump_dir={tmp_path / 'run'}"])
+    tok = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path, cfg.data.tokenizer.encoding)
+    assert (tok.eos_id, tok.n_words) == (50256, 50257)
+    assert tok.encode(" 3 friends")[0] == ranks[b" 3"] and tok.encode("a\n\nb") == [ranks[b"a"], ranks[b"\n"], ranks[b"\n"], ranks[b"b"]]
+    with torch.device("meta"):
+        assert build_model(cfg.model, tok).args.vocab_size == 50304
+    llama = build_tokenizer("tiktoken", str(path), "llama3")
+    assert (llama.eos_id, llama.n_words) == (50257, 50512)
+    assert llama.encode(" 3")[0] != ranks[b" 3"] and ranks[b"\n\n"] in llama.encode("a\n\nb")
+    _ranks_file(tmp_path / "small.tiktoken", 300)
+    with pytest.raises(TokenizerFileError, match="holds 300 BPE ranks, but the gpt2 encoding has 50256"):
+        build_tokenizer("tiktoken", str(tmp_path / "small.tiktoken"), "gpt2")
+    with pytest.raises(ConfigError, match="tokenizer.encoding=gpt2 applies to tokenizer.name=tiktoken only"):
+        TokenizerArgs(name="sp", path="x.model", encoding="gpt2")

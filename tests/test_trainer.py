@@ -13,6 +13,7 @@ from apps.main.train import MODEL_SPEC, MainTrainArgs
 from lingua.args import config_from_dict, load_config
 from lingua.checkpoint import CheckpointManager, step_dirs
 from lingua.metrics import read_metrics
+from lingua.optim import lr_multiplier
 from lingua.synthetic import write_corpus
 from lingua.tokenizer import ByteTokenizer
 from lingua.trainer import NonFiniteLossError, train
@@ -168,6 +169,33 @@ def test_non_finite_loss_stops_naming_step_and_keeps_checkpoint(corpus, tmp_path
     assert state["step"] == 5
 
 
+def test_logged_lr_is_the_updates_and_a_skipped_step_advances_the_schedule(corpus, tmp_path, monkeypatch):
+    """The lr logged at step s is the one its update used (multiplier of step s-1); a step skipped
+    for a non-finite loss still moves the schedule on; validation time is reported on its own."""
+    overrides = {"steps": 8, "on_nonfinite": "skip", "validation.every": 4, "validation.max_batches": 1, "optim.warmup": 5}
+    cfg = tiny_config(corpus, tmp_path / "run", **overrides)
+    model_class = type(MODEL_SPEC.build(cfg.model, ByteTokenizer()))
+    model_forward = model_class.forward
+    calls = {"n": 0}
+
+    def forward(self, tokens, target=None, **kwargs):
+        loss = model_forward(self, tokens, target, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            return loss * float("nan") if calls["n"] == 3 else loss
+        return loss
+
+    monkeypatch.setattr(model_class, "forward", forward)
+    result = train(cfg, MODEL_SPEC)
+    assert result.skipped_steps == [3]
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    for record in records:
+        assert record["lr"] == pytest.approx(cfg.optim.lr * lr_multiplier(record["step"] - 1, cfg.optim, cfg.steps)), record["step"]
+    assert [r["step"] for r in records] == [1, 2, 4, 5, 6, 7, 8]  # step 3 logged nothing: its loss was dropped
+    after_validation = next(r for r in records if r["step"] == 5)
+    assert after_validation["time/validation_s"] > 0 and "time/validation_s" not in records[1]
+
+
 def test_init_ckpt_path_loads_weights_only(corpus, tmp_path):
     first = train(tiny_config(corpus, tmp_path / "first", steps=10, **{"checkpoint.dump.every": 10}), MODEL_SPEC)
     cfg = tiny_config(corpus, tmp_path / "second", steps=1, **{"checkpoint.init_ckpt_path": str(first.last_checkpoint), "optim.warmup": 0})
@@ -184,6 +212,7 @@ def test_profiler_trace_and_plots(corpus, tmp_path):
     train(tiny_config(corpus, tmp_path / "run", **overrides), MODEL_SPEC)
     traces = list((tmp_path / "run" / "profiling").glob("trace_step*.json"))
     assert len(traces) == 1 and json.loads(traces[0].read_text())["traceEvents"]
+    assert traces[0].name == "trace_step4_rank0.json"  # ranks write their own files
     written = plot_run(tmp_path / "run")
     assert {p.name for p in written} == {"loss.png", "lr.png", "throughput.png"}
     assert all(p.stat().st_size > 1000 for p in written)

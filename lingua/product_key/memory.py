@@ -49,7 +49,7 @@ class ProductKeyArgs:
     mem_query_batchnorm: bool = False  # BatchNorm1d on the query (statistics over the batch's tokens)
     mem_query_bias: bool = True  # bias of the query projection
     value_update: RowUpdate = "lazy"  # lazy: Adam on the rows read this step; dense: every row (paper); rowwise_adagrad: one accumulator per row
-    value_weight_decay: float = 0.0  # decoupled weight decay of the values
+    value_weight_decay: float | None = 0.0  # decoupled weight decay of the values; null: optim.weight_decay (as the public code)
     value_lr_schedule: bool = True  # the value lr follows warmup/decay, as in the public code; false: constant
     bag_backend: Backend = "auto"  # weighted bag: auto (Triton on CUDA, torch on CPU) | triton | torch
     zero_copy: bool = False  # keep the value table and its optimizer state in host memory, read by the GPU directly
@@ -76,7 +76,7 @@ class ProductKeyArgs:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must be in [0, 1)")
         if self.value_fixed_lr is not None and self.value_fixed_lr <= 0:
             raise ConfigError(f"{key}.value_fixed_lr={self.value_fixed_lr} must be positive, or null for optim.lr")
-        if self.value_weight_decay < 0:
+        if self.value_weight_decay is not None and self.value_weight_decay < 0:
             raise ConfigError(f"{key}.value_weight_decay={self.value_weight_decay} must be >= 0")
         if self.is_enabled and not self.layer_ids:
             raise ConfigError(f"{key}.is_enabled=true needs layers, e.g. layers=\"4,12,20\"")

@@ -140,7 +140,7 @@ class ZeroCopyValues(nn.Module):
     peer_in = None
 
     def __init__(
-        self, n_rows: int, v_dim: int, lr: float | None, weight_decay: float, update: str, lr_schedule: bool,
+        self, n_rows: int, v_dim: int, lr: float | None, weight_decay: float | None, update: str, lr_schedule: bool,
         transfer: TransferDtype = "fp32", update_on: UpdatePlace = "device", dtype: torch.dtype = torch.float32,
     ) -> None:
         """dtype: of the master table (fp32; fp64 for gradchecks)."""
