@@ -26,7 +26,8 @@ import fsspec
 import numpy as np
 
 from lingua.args import ConfigError, InputError
-from lingua.synthetic import ensure_corpus
+from lingua.synthetic import SOURCE as SYNTHETIC_SOURCE
+from lingua.synthetic import ensure_corpus, existing_shards
 from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 TRAIN_PATTERN = "*.chunk.*.jsonl"
 VAL_PATTERN = "*.val.jsonl"
 TEXT_KEYS = ("text", "content")
+
+logger = logging.getLogger(__name__)
 
 _START_METHOD = "spawn"  # never fork: the trainer may hold threads (CUDA, NCCL, compile workers)
 _POLL_SECONDS = 0.5  # how often a waiting consumer checks that the producer is alive
@@ -49,7 +52,7 @@ class DataError(InputError):
 @dataclass
 class DataArgs:
     root_dir: str = "data"  # folder (or fsspec URL) holding one sub-folder of jsonl shards per source
-    sources: dict[str, float] = field(default_factory=lambda: {"stories": 1.0})  # source -> weight (normalized)
+    sources: dict[str, float] = field(default_factory=lambda: {SYNTHETIC_SOURCE: 1.0})  # source -> weight (normalized)
     batch_size: int = 4  # sequences per batch on each data-parallel rank
     seq_len: int = 256  # tokens per sequence
     n_views: int = 2  # columns per position: tokens t, t+1, ...; 2 gives (input, target)
@@ -59,7 +62,7 @@ class DataArgs:
     load_async: bool = True  # produce batches in a separate process
     prefetch_size: int = 16  # batches per shuffle buffer; also how far the producer may run ahead
     bad_lines: Literal["fail", "skip"] = "fail"  # malformed jsonl line: raise naming file:line, or skip and count
-    synthesize_missing: bool = False  # a local source folder with no shards gets the synthetic story corpus first
+    synthesize_missing: bool = False  # the source 'stories', when its local folder has no shards, gets the synthetic story corpus first (no other source is ever synthesized)
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
 
     def __post_init__(self) -> None:
@@ -181,12 +184,19 @@ def _find_files(root_dir: str, source: str, pattern: str) -> list[str]:
     if not root_exists:
         raise DataError(f"data.root_dir '{root_dir}' does not exist; set data.root_dir to the folder of source folders")
     if not dir_exists:
-        raise DataError(
-            f"source folder '{directory}' does not exist; fix data.sources (source '{source}') or data.root_dir"
-        )
+        raise DataError(f"source folder '{directory}' does not exist; {_how_to_prepare(root_dir, source)}")
     if not files:
-        raise DataError(f"no files matching '{pattern}' in '{directory}' (source '{source}')")
+        raise DataError(f"no files matching '{pattern}' in '{directory}' (source '{source}'); {_how_to_prepare(root_dir, source)}")
     return files
+
+
+def _how_to_prepare(root_dir: str, source: str) -> str:
+    """The fix for a source folder without shards: the command that writes them."""
+    if source == SYNTHETIC_SOURCE:
+        command = f"python setup/make_synthetic_data.py --out {root_dir} --source {source}"
+    else:
+        command = f"python setup/download_prepare_hf_data.py {source} --data-dir {root_dir}"
+    return f"prepare it with `{command}`, or fix data.sources (source '{source}') or data.root_dir"
 
 
 def find_chunks(root_dir: str, source: str) -> list[str]:
@@ -230,14 +240,20 @@ def _seed(seed: int, rank: int, *purpose: int) -> np.random.SeedSequence:
 
 
 def prepare_sources(args: DataArgs) -> None:
-    """With `synthesize_missing`, write the synthetic story corpus (lingua.synthetic) into every
-    local source folder that has no shards yet; safe when all ranks call it at once."""
-    if not args.synthesize_missing:
+    """With `synthesize_missing`, write the synthetic story corpus (lingua.synthetic) into the
+    source folder 'stories' when it has no shards yet (logged); safe when all ranks call it at once.
+    No other source is ever synthesized: a missing one raises DataError naming its folder and the
+    command that prepares it, before anything is written."""
+    if not args.synthesize_missing or SYNTHETIC_SOURCE not in args.sources:
         return
     if "://" in args.root_dir:
         raise ConfigError(f"data.synthesize_missing needs a local data.root_dir, got '{args.root_dir}'")
-    for source in sorted(args.sources):
-        ensure_corpus(args.root_dir, source)
+    for source in sorted(set(args.sources) - {SYNTHETIC_SOURCE}):  # checked first: nothing is written for a run that cannot start
+        find_chunks(args.root_dir, source)
+    if not existing_shards(args.root_dir, SYNTHETIC_SOURCE):
+        folder = os.path.join(args.root_dir, SYNTHETIC_SOURCE)
+        logger.warning("source '%s' has no shards in '%s': writing the synthetic story corpus there (data.synthesize_missing=true)", SYNTHETIC_SOURCE, folder)
+    ensure_corpus(args.root_dir, SYNTHETIC_SOURCE)
 
 
 def init_dataloader_state(args: DataArgs, rank: int, world_size: int) -> DataLoaderState:

@@ -27,6 +27,7 @@ Split = Literal["train", "val", "test"]
 # splits never share a story and the validation set does not change when the training set grows.
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 SPLIT_SIZE = 1_000_000_000
+SOURCE = "stories"  # the one data source that may be synthesized (the default data set)
 _MIN_EVENTS = 3  # state changes every story tells, however short
 
 NAMES = (
@@ -459,7 +460,7 @@ def _write_lines(path: Path, indices: range, seed: int) -> None:
 
 def write_corpus(
     root_dir: str | Path,
-    source: str = "stories",
+    source: str = SOURCE,
     n_train: int = 20_000,
     n_val: int = 500,
     n_chunks: int = 4,
@@ -512,7 +513,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def ensure_corpus(
     root_dir: str | Path,
-    source: str = "stories",
+    source: str = SOURCE,
     n_train: int = 20_000,
     n_val: int = 500,
     n_chunks: int = 4,

@@ -215,6 +215,29 @@ def test_bad_input_fails_before_work_and_keeps_files(corpus, tmp_path, case):
     assert {p.name: p.read_text() for p in dump_dir.iterdir()} == files
 
 
+def test_only_the_story_corpus_is_ever_synthesized(tmp_path):
+    """synthesize_missing writes the default corpus only: another missing source is an error naming
+    its folder and the prep command, and nothing is written (not even the story corpus beside it)."""
+    root, dump_dir = tmp_path / "data", tmp_path / "run"
+    root.mkdir()
+    result = train_cli(run_args(root, dump_dir, "data.synthesize_missing=true", "data.sources={stories: 1.0, fineweb_edu_10bt: 1.0}"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"'{root / 'fineweb_edu_10bt'}' does not exist" in result.stderr
+    assert f"python setup/download_prepare_hf_data.py fineweb_edu_10bt --data-dir {root}" in result.stderr
+    assert "Traceback" not in result.stderr and not list(root.iterdir()) and not dump_dir.exists()
+
+
+def test_synthesized_data_says_so_in_the_log(tmp_path, caplog, monkeypatch):
+    import lingua.data
+
+    written = []
+    monkeypatch.setattr(lingua.data, "ensure_corpus", lambda root, source: written.append((root, source)))
+    with caplog.at_level("WARNING", logger="lingua.data"):
+        lingua.data.prepare_sources(lingua.data.DataArgs(root_dir=str(tmp_path), synthesize_missing=True))
+    assert written == [(str(tmp_path), "stories")]
+    assert f"no shards in '{tmp_path / 'stories'}': writing the synthetic story corpus" in caplog.text
+
+
 def test_malformed_jsonl_names_file_and_line_or_is_skipped(tmp_path):
     root = tmp_path / "data"
     write_corpus(root, "stories", n_train=100, n_val=10, n_chunks=1, seed=0)

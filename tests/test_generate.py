@@ -105,6 +105,19 @@ def test_generate_from_trained_checkpoint_and_consolidated(tmp_path):
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert f"Once{from_dcp[0]}" in cli.stdout
 
+    # A prompt longer than max_seqlen - max_gen_len = 56 tokens: a warning, and the output shows what the model saw.
+    long_prompt = "Once upon a time there was a girl." * 20
+    budget = 64 - 8
+    seen = tokenizer.decode(tokenizer.encode(long_prompt, add_bos=True)[-budget:])
+    cli = subprocess.run(
+        [sys.executable, "-m", "apps.main.generate", f"ckpt={tmp_path / 'run'}", f"prompt={long_prompt}", "generator.max_gen_len=8"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert f"the model sees only its last {budget} tokens" in cli.stderr
+    expected = Generator(model, tokenizer, GeneratorArgs(max_gen_len=8)).generate([long_prompt])[0]
+    assert f"...{seen}{expected}" in cli.stdout and long_prompt not in cli.stdout
+
 
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here"):

@@ -74,11 +74,23 @@ class Generator:
         self.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     def _encode(self, prompt: str) -> list[int]:
+        """The prompt's tokens; a prompt longer than max_seqlen - max_gen_len keeps its end, with a warning."""
         tokens = self.tokenizer.encode(prompt, add_bos=True)
         budget = self.model.args.max_seqlen - self.args.max_gen_len
         if budget < 1:
             raise ConfigError(f"generator.max_gen_len={self.args.max_gen_len} leaves no room for a prompt in max_seqlen={self.model.args.max_seqlen}")
-        return tokens[-budget:]  # keep the end of a long prompt
+        if len(tokens) > budget:
+            logger.warning(
+                "prompt of %d tokens is longer than model.max_seqlen - generator.max_gen_len = %d - %d: the model sees only its last %d tokens: %r",
+                len(tokens), self.model.args.max_seqlen, self.args.max_gen_len, budget, self.tokenizer.decode(tokens[-budget:]),
+            )
+        return tokens[-budget:]
+
+    def prompt_seen(self, prompt: str) -> str:
+        """The part of `prompt` the model sees: the whole prompt, or '...' and the end it keeps."""
+        budget = self.model.args.max_seqlen - self.args.max_gen_len
+        tokens = self.tokenizer.encode(prompt, add_bos=True)
+        return prompt if len(tokens) <= budget else "..." + self.tokenizer.decode(tokens[-budget:])
 
     @torch.no_grad()
     def generate(self, prompts: list[str]) -> list[str]:
@@ -146,15 +158,17 @@ class GenerateArgs:
 
 def generate_and_print(args: GenerateArgs, load: Callable[..., tuple], make_generator: Callable[..., Any]) -> list[str]:
     """The generate command of an app: load(ckpt, device) -> (model, tokenizer, cfg), then
-    make_generator(model, tokenizer, generator_args).generate(prompts), printed and returned."""
+    make_generator(model, tokenizer, generator_args).generate(prompts), returned and printed after
+    the part of each prompt the model saw (`prompt_seen`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = ([args.prompt] if args.prompt is not None else []) + list(args.prompts)
     if not prompts:
         raise SystemExit('give a prompt: prompt="Once upon a time" (or prompts=[...])')
     model, tokenizer, _ = load(args.ckpt, args.generator.device)
-    outputs = make_generator(model, tokenizer, args.generator).generate(prompts)
+    generator = make_generator(model, tokenizer, args.generator)
+    outputs = generator.generate(prompts)
     for prompt, output in zip(prompts, outputs):
-        print(f"{prompt}{output}\n{'-' * 40}")
+        print(f"{generator.prompt_seen(prompt)}{output}\n{'-' * 40}")
     return outputs
 
 

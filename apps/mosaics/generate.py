@@ -64,6 +64,10 @@ class MosaicsGenerator:
         self.model, self.tokenizer, self.args = model.eval(), tokenizer, args
         self.device = next(model.parameters()).device
 
+    def prompt_seen(self, prompt: str) -> str:
+        """The model has no length limit: it always sees the whole prompt."""
+        return prompt
+
     def generate(self, prompts: list[str]) -> list[str]:
         generator = torch.Generator(device=self.device).manual_seed(self.args.seed)
         outputs = []
