@@ -263,7 +263,7 @@ def test_missing_file_names_path_and_commands(name: str, fetch: str, tmp_path: P
     assert missing in message
     assert "python setup/train_tokenizer.py" in message and f"--out {missing}" in message
     assert f"python {fetch}" in message
-    with pytest.raises(TokenizerFileError, match=f"set tokenizer.path.*python {fetch}"):
+    with pytest.raises(TokenizerFileError, match=f"set data.tokenizer.path.*python {fetch}"):
         build_tokenizer(name, None)
     with pytest.raises(ConfigError, match="tokenizer.path"):
         TokenizerArgs(name=name)  # type: ignore[arg-type]
