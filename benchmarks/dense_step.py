@@ -20,7 +20,7 @@ from torch import nn
 
 from apps.main.train import MainTrainArgs, build_model, model_flops_per_token
 from apps.main.transformer import LMTransformerArgs
-from benchmarks.timing import format_table, time_fn, training_step
+from benchmarks.timing import format_table, full_size_needs_gpu, time_fn, training_step
 from lingua.args import load_config
 from lingua.metrics import device_peak_flops
 from lingua.optim import OptimArgs, build_optimizer
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    full_size_needs_gpu(args.tiny, "benchmarks.dense_step")
 
     if args.tiny:
         model_args, batch, seq = _tiny_args()

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from benchmarks.timing import format_table, time_fn
+from benchmarks.timing import format_table, full_size_needs_gpu, time_fn
 from lingua.mosaics.leaky_average import leaky_average
 
 HBM_BYTES_PER_S = 2.99e12  # H100 HBM copy (read + write), measured
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
+    full_size_needs_gpu(args.tiny, "benchmarks.leaky_average")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
         args.batch, args.dim, args.heads, args.lengths = 2, 48, 4, [64, 200]

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from apps.mosaics.train import MosaicsTrainArgs
-from benchmarks.timing import format_table, time_fn, training_step
+from benchmarks.timing import format_table, full_size_needs_gpu, time_fn, training_step
 from lingua.args import load_config
 from lingua.mosaics.model import MosaicsArgs, MosaicsLM
 from lingua.optim import OptimArgs, build_optimizer
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     cli = parser.parse_args()
+    full_size_needs_gpu(cli.tiny, "benchmarks.mosaics_step")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cli.tiny:
         model_args = MosaicsArgs(vocab_size=256, dim=64, n_layers=2, n_heads=4, pmem_size=224)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from benchmarks.timing import format_table, time_fn
+from benchmarks.timing import format_table, full_size_needs_gpu, time_fn
 from lingua.product_key.embedding_bag import naive, weighted_embedding_bag
 from lingua.product_key.embedding_bag.triton_bag import _fwd
 
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
+    full_size_needs_gpu(args.tiny, "benchmarks.pk_bag")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" and device.type == "cuda" else torch.float32
     if args.tiny:

@@ -36,6 +36,18 @@ def _quantile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def full_size_needs_gpu(tiny: bool, module: str) -> None:
+    """A benchmark's full-size shapes are for a GPU: without one (and without --tiny) stop at once,
+    naming the flag, instead of running for hours on CPU against goals set for an H100."""
+    if not tiny and not torch.cuda.is_available():
+        print(
+            f"{module}: the full-size shapes need a GPU and this machine has none (nothing was run); "
+            f"on CPU run the small version: python -m {module} --tiny",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
 def time_fn(name: str, fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> Timing:
     """Time `fn()` after `warmup` untimed calls; CUDA events on GPU, perf_counter on CPU."""
     if warmup < 0 or repeats < 1:

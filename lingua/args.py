@@ -212,14 +212,52 @@ def flatten_dict(data: dict, prefix: str = "", sep: str = ".") -> dict[str, Any]
     return flat
 
 
+HELP_FLAGS = ("-h", "--help", "help")
+PRINT_CONFIG_KEY = "print_config"  # print_config=true: print the resolved config and exit
+
+
+def _print_config_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """(whether `print_config=true` is among the arguments, the arguments without it)."""
+    rest, requested = [], False
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.removeprefix("--") != PRINT_CONFIG_KEY:
+            rest.append(arg)
+        elif value.lower() in ("true", "1", "yes", ""):
+            requested = True
+        elif value.lower() not in ("false", "0", "no"):
+            raise ConfigError(f"print_config={value!r}: use print_config=true")
+    return requested, rest
+
+
+def _command_help(cls: type, config_key: str | None) -> str:
+    from lingua.config_help import config_help
+
+    entry = sys.modules.get("__main__")
+    spec = getattr(entry, "__spec__", None)
+    command = f"python -m {spec.name}" if spec is not None and spec.name else Path(sys.argv[0]).name
+    usage = f"{command} [{config_key}=FILE.yaml] [key=value ...]" if config_key else f"{command} [key=value ...]"
+    return config_help(cls, usage, getattr(entry, "__doc__", None) or "", config_key)
+
+
 def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None, config_key: str | None = CONFIG_KEY) -> Any:
     """Parse `cls` from the command line and call `main(cfg)`. Bad input (an `InputError`, from
-    the config or found later, e.g. a missing file) prints one line and exits with code 2."""
+    the config or found later, e.g. a missing file) prints one line and exits with code 2.
+    `--help` prints every config key (type, default, comment); `print_config=true` prints the
+    resolved config; both exit 0 without running anything."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(_command_help(cls, config_key), end="")
+        raise SystemExit(0)
     try:
+        show_config, argv = _print_config_requested(argv)
         cfg = parse_args(cls, argv, config_key)
     except InputError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    if show_config:
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
     try:
         return main(cfg)
     except InputError as error:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from lm_eval.api.model import LM
 from lingua.args import ConfigError, InputError
 from lingua.data import DataArgs, iter_validation_batches
 from lingua.hub import hub_unreachable_reason
+from lingua.metrics import format_duration
 from lingua.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -103,7 +105,8 @@ class EvalArgs:
     """An eval command's config, and the `eval` section a training config may carry."""
 
     name: str = "eval"  # run name (metric records)
-    ckpt_dir: str = ""  # run dump_dir, checkpoints root, checkpoint folder, or consolidated folder/file
+    ckpt: str = ""  # run dump_dir, checkpoints root, checkpoint folder, or consolidated folder/file
+    ckpt_dir: str = ""  # the same as ckpt (the public lingua name), moved into ckpt
     dump_dir: str = ""  # results go to <dump_dir>/eval/<step>/; empty: the run folder of the checkpoint
     global_step: int | None = None  # the step results are filed under; None: from the checkpoint folder name
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where the model runs
@@ -114,6 +117,10 @@ class EvalArgs:
     generator: GeneratorCompatArgs | None = None  # read into dtype and harness.max_gen_toks, then cleared
 
     def __post_init__(self) -> None:
+        if self.ckpt_dir:
+            if self.ckpt and self.ckpt != self.ckpt_dir:
+                raise ConfigError(f"ckpt={self.ckpt!r} and ckpt_dir={self.ckpt_dir!r} name different checkpoints: give one")
+            self.ckpt, self.ckpt_dir = self.ckpt_dir, ""
         if self.generator is None:
             return
         self.dtype = self.generator.dtype or self.dtype
@@ -152,16 +159,45 @@ def rolling_windows(n_tokens: int, max_length: int) -> list[tuple[int, int, int]
     return windows
 
 
+class Progress:
+    """A log line every `every_s` seconds while requests are answered: done / total and the time
+    left at the pace so far (`every_s=0`: after every batch), and one when all are done."""
+
+    def __init__(self, what: str, total: int, every_s: float = 10.0) -> None:
+        self.what, self.total, self.every_s = what, total, every_s
+        self.done = 0
+        self._start = self._last = time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        if n == 0:
+            return
+        self.done += n
+        now = time.perf_counter()
+        if self.done < self.total and now - self._last < self.every_s:
+            return
+        self._last = now
+        eta = (now - self._start) / self.done * (self.total - self.done) if self.done else float("nan")
+        left = f", eta {format_duration(eta)}" if self.done < self.total else f", took {format_duration(now - self._start)}"
+        logger.info("%s: %d/%d done%s", self.what, self.done, self.total, left)
+
+
 @torch.no_grad()
 def score_sequences(
-    logits_fn: LogitsFn, sequences: Sequence[Sequence[int]], n_scored: Sequence[int], batch_size: int, device: torch.device
+    logits_fn: LogitsFn,
+    sequences: Sequence[Sequence[int]],
+    n_scored: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    progress: Progress | None = None,
 ) -> list[tuple[float, bool]]:
     """For each token sequence, the summed log-probability of its last n_scored tokens given all
     tokens before them, and whether each of them is the argmax. Sequences are sorted by length
     and right-padded into batches (causal attention: padding never reaches a real token, and rows
-    never see each other); results come back in input order."""
+    never see each other); results come back in input order. `progress` counts the sequences."""
     results: list[tuple[float, bool]] = [(0.0, True)] * len(sequences)
     order = sorted((i for i in range(len(sequences)) if n_scored[i] > 0), key=lambda i: -len(sequences[i]))
+    if progress is not None:
+        progress.advance(len(sequences) - len(order))  # sequences with nothing to score
     for b in range(0, len(order), batch_size):
         rows = order[b : b + batch_size]
         width = len(sequences[rows[0]]) - 1
@@ -187,6 +223,8 @@ def score_sequences(
         misses = torch.zeros(len(rows), dtype=torch.long).index_add_(0, row_of, (~greedy).long())
         for r, i in enumerate(rows):
             results[i] = (float(sums[r]), bool(misses[r] == 0))
+        if progress is not None:
+            progress.advance(len(rows))
     return results
 
 
@@ -275,6 +313,7 @@ class LinguaLM(LM):
         generate_fn: GenerateFn | None = None,
         batch_size: int = 8,
         max_gen_toks: int = 128,
+        progress_every_s: float = 10.0,
     ) -> None:
         super().__init__()
         if max_length < 1 or batch_size < 1 or max_gen_toks < 1:
@@ -285,6 +324,7 @@ class LinguaLM(LM):
         self._device = torch.device(device)
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
+        self.progress_every_s = progress_every_s  # how often a progress line is logged
         self.generate_fn = generate_fn or greedy_generate(logits_fn, tokenizer, max_length, self._device)
 
     def _pair_tokens(self, context: str, continuation: str) -> tuple[list[int], int]:
@@ -306,7 +346,8 @@ class LinguaLM(LM):
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         pairs = [self._pair_tokens(*request.args) for request in requests]
-        results = score_sequences(self.logits_fn, [p[0] for p in pairs], [p[1] for p in pairs], self.batch_size, self._device)
+        progress = Progress("loglikelihood requests", len(pairs), self.progress_every_s)
+        results = score_sequences(self.logits_fn, [p[0] for p in pairs], [p[1] for p in pairs], self.batch_size, self._device, progress)
         for request, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", request.args, result)
         return results
@@ -320,7 +361,8 @@ class LinguaLM(LM):
                 n_scored.append(end - first)
                 owner.append(k)
         totals = [0.0] * len(requests)
-        for k, (logprob, _) in zip(owner, score_sequences(self.logits_fn, sequences, n_scored, self.batch_size, self._device)):
+        progress = Progress(f"loglikelihood_rolling windows ({len(requests)} texts)", len(sequences), self.progress_every_s)
+        for k, (logprob, _) in zip(owner, score_sequences(self.logits_fn, sequences, n_scored, self.batch_size, self._device, progress)):
             totals[k] += logprob
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -343,6 +385,7 @@ class LinguaLM(LM):
         for i, request in enumerate(requests):
             groups[self._options(request.args[1])].append(i)
         outputs = [""] * len(requests)
+        progress = Progress("generate_until requests", len(requests), self.progress_every_s)
         for options, members in groups.items():
             members = sorted(members, key=lambda i: -len(requests[i].args[0]))
             for b in range(0, len(members), self.batch_size):
@@ -351,6 +394,7 @@ class LinguaLM(LM):
                 for i, text in zip(batch, texts):
                     outputs[i] = cut_at_stops(text, options.until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+                progress.advance(len(batch))
         return outputs
 
 

@@ -14,6 +14,7 @@ import math
 import resource
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -154,7 +155,9 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(record: dict[str, Any], total_steps: int, eta_s: float) -> str:
-    """One console line: step/total, loss, grad norm, lr, tokens/s, MFU, memory, ETA."""
+    """One console line: step/total, loss, grad norm, lr, tokens/s, MFU, memory, ETA. Memory is named:
+    `gpu mem` is the peak GPU memory allocated since the previous line, `host rss` the process's
+    resident host memory (current, or its peak where the current size is unknown)."""
     parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}"]
     if "grad_norm" in record:
         parts.append(f"gnorm {record['grad_norm']:.3f}")
@@ -162,11 +165,29 @@ def progress_line(record: dict[str, Any], total_steps: int, eta_s: float) -> str
     parts.append(f"tok/s {record['speed/tokens_per_s']:,.0f}")
     if "speed/mfu" in record:
         parts.append(f"mfu {100 * record['speed/mfu']:.1f}%")
-    memory = record.get("memory/max_allocated_gib", record.get("memory/max_rss_gib"))
-    if memory is not None:
-        parts.append(f"mem {memory:.2f}GiB")
+    if "memory/max_allocated_gib" in record:
+        parts.append(f"gpu mem {record['memory/max_allocated_gib']:.2f}GiB (peak allocated)")
+    if "memory/host_rss_gib" in record or "memory/max_rss_gib" in record:
+        parts.append(f"host rss {record.get('memory/host_rss_gib', record.get('memory/max_rss_gib')):.2f}GiB")
     parts.append(f"eta {format_duration(eta_s)}")
     return " | ".join(parts)
+
+
+class RecentStepRate:
+    """The remaining time of a run from the pace of its last `window` logged intervals (an average
+    since the start would carry the startup, compilation and any slow phase into every estimate)."""
+
+    def __init__(self, total_steps: int, window: int = 5) -> None:
+        self.total_steps = total_steps
+        self._points: deque[tuple[float, int]] = deque(maxlen=window + 1)  # (time, step) of recent log points
+
+    def eta_s(self, step: int, now: float | None = None) -> float:
+        """Seconds left after `step`, from the log points up to now; NaN until there are two."""
+        self._points.append((time.perf_counter() if now is None else now, step))
+        (start, first), (end, last) = self._points[0], self._points[-1]
+        if last <= first:
+            return float("nan")
+        return (end - start) / (last - first) * (self.total_steps - step)
 
 
 class MetricLogger:

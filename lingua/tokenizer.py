@@ -126,26 +126,51 @@ class TokenizerFileError(InputError):
     `setup/` command that fetches or trains one."""
 
 
+# Files setup/download_tokenizer.py writes (file name -> the name to pass it), and where a story
+# tokenizer trained on the default corpus goes; the sentencepiece one is committed.
+DOWNLOADED_FILES = {"llama2.model": "llama2", "llama3.tiktoken": "llama3", "gpt2.tiktoken": "gpt2"}
+STORY_TOKENIZERS = {"sp": "tokenizer/stories_sp2k.model", "tiktoken": "tokenizer/stories_bpe2k.tiktoken"}
+_PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current directory when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _how_to_get(name: str, path: str | None) -> str:
-    """The commands that produce a tokenizer file for `name` at `path`."""
-    if name == "sp":
-        out = shlex.quote(path or "tokenizer/stories_sp2k.model")
-        return (
-            f"train one: python setup/train_tokenizer.py --data data/stories --vocab-size 2000 --out {out}; "
-            f"or fetch Llama 2's: python setup/download_tokenizer.py llama2 tokenizer/ "
-            f"(writes tokenizer/llama2.model; gated: pass --token or set HF_TOKEN)"
+    """The commands that produce a tokenizer file for `name` at `path`. A training command writes to
+    `path` only when nothing is there and `path` is not a downloaded tokenizer's file (a story
+    tokenizer saved as tokenizer/llama2.model would pass for Llama 2's); otherwise it writes to a
+    file of its own, and the hint says to point data.tokenizer.path at it."""
+    downloaded = DOWNLOADED_FILES.get(Path(path).name) if path else None
+    if downloaded is not None:
+        fetch = f"fetch it: python setup/download_tokenizer.py {downloaded} {shlex.quote(str(Path(path).parent))}/"
+        fetch += " (gated: pass --token or set HF_TOKEN)" if downloaded != "gpt2" else ""
+    elif name == "sp":
+        fetch = "fetch Llama 2's: python setup/download_tokenizer.py llama2 tokenizer/ (writes tokenizer/llama2.model; gated: pass --token or set HF_TOKEN)"
+    else:
+        fetch = (
+            "fetch one: python setup/download_tokenizer.py llama3 tokenizer/ (writes tokenizer/llama3.tiktoken; gated: "
+            "pass --token or set HF_TOKEN) or python setup/download_tokenizer.py gpt2 tokenizer/ (writes tokenizer/gpt2.tiktoken)"
         )
-    out = shlex.quote(path or "tokenizer/stories_bpe2k.tiktoken")
-    return (
-        f"train one: python setup/train_tokenizer.py --format tiktoken --data data/stories "
-        f"--vocab-size 2000 --out {out}; or fetch one: python setup/download_tokenizer.py llama3 tokenizer/ "
-        f"(writes tokenizer/llama3.tiktoken; gated: pass --token or set HF_TOKEN) "
-        f"or python setup/download_tokenizer.py gpt2 tokenizer/ (writes tokenizer/gpt2.tiktoken)"
-    )
+    story = _PROJECT / STORY_TOKENIZERS[name]
+    if path and downloaded is None and not Path(path).exists():
+        out, use = path, ""
+    elif story.is_file():
+        return f"{fetch}; or use the committed story tokenizer: data.tokenizer.path={_shown(story)}"
+    else:
+        out, use = STORY_TOKENIZERS[name], f" and set data.tokenizer.path={STORY_TOKENIZERS[name]}"
+    fmt = "" if name == "sp" else " --format tiktoken"
+    train = f"train one: python setup/train_tokenizer.py{fmt} --data data/stories --vocab-size 2000 --out {shlex.quote(out)}{use}"
+    return f"{train}; or {fetch}" if downloaded is None else f"{fetch}; or {train}"
 
 
 def _missing_path_message(name: str) -> str:
-    return f"tokenizer '{name}' needs a file: set tokenizer.path to it. To {_how_to_get(name, None)}"
+    return f"tokenizer '{name}' needs a file: set data.tokenizer.path to it. To {_how_to_get(name, None)}"
 
 
 def _check_file(name: str, path: str | None) -> Path:

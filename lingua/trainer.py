@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -38,7 +37,7 @@ from lingua.distributed import (
     parallelize,
 )
 from lingua.eval_harness import EvalArgs
-from lingua.metrics import LoggingArgs, MetricLogger, NullLogger, Throughput, device_peak_flops, memory_stats, metric_path, progress_line
+from lingua.metrics import LoggingArgs, MetricLogger, NullLogger, RecentStepRate, Throughput, device_peak_flops, memory_stats, metric_path, progress_line
 from lingua.optim import OptimArgs, ParamGroupSpec, all_reduce_row_grads, build_optimizer, clip_gradients
 from lingua.preemption import REQUEUE_SIGNALS, PreemptionWatcher, requeue_slurm_job
 from lingua.profiling import ProfilerArgs, maybe_profile
@@ -223,9 +222,14 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path, cfg.data.tokenizer.encoding)
     data_state = init_dataloader_state(cfg.data, dp_rank, dp_size)
     dump_dir = Path(cfg.dump_dir)
+    checkpoint_dir = Path(cfg.checkpoint.path or dump_dir / "checkpoints")
     dump_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         dump_config(cfg, dump_dir / "config.yaml")
+        logger.info(
+            "run %s: dump_dir %s | metrics %s | config %s | checkpoints %s",
+            cfg.name, dump_dir, metric_path(dump_dir), dump_dir / "config.yaml", checkpoint_dir,
+        )
     _seed_everything(cfg.seed + env.rank)
 
     model = _build_model(cfg, spec, tokenizer, env, mesh)
@@ -233,7 +237,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.steps, groups)
     logger.info("model: %s parameters on %s, world size %d (data-parallel %d)", f"{_count_params(model):,}", env.device, env.world_size, dp_size)
 
-    checkpoints = CheckpointManager(cfg.checkpoint, cfg.checkpoint.path or dump_dir / "checkpoints")
+    checkpoints = CheckpointManager(cfg.checkpoint, checkpoint_dir)
     step = 0
     latest = checkpoints.latest_sound()
     if latest is not None:
@@ -249,7 +253,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     throughput = Throughput(flops_per_gpu_token, device_peak_flops(cfg.logging.peak_flops), env.world_size)
     dtype = autocast_dtype(cfg.distributed)
     result = TrainResult(step=step, preempted_by=None, losses={}, val_losses={}, skipped_steps=[], dump_dir=dump_dir, last_checkpoint=latest)
-    eta_origin: tuple[float, int] | None = None  # (time, step) of the first progress line
+    step_rate = RecentStepRate(cfg.steps)  # ETA from the last few logged intervals
     set_gradient_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP: sync on the last micro-step only
 
     def run_validation() -> None:
@@ -317,13 +321,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                     **({"skipped_steps": len(result.skipped_steps)} if result.skipped_steps else {}),
                 }
                 result.losses[step] = record["loss"]
-                # ETA from the step rate since the first logged step (startup and compilation excluded).
-                if eta_origin is None:
-                    eta_origin = (time.perf_counter(), step)
-                    eta = float("nan")
-                else:
-                    seconds_per_step = (time.perf_counter() - eta_origin[0]) / max(step - eta_origin[1], 1)
-                    eta = seconds_per_step * (cfg.steps - step)
+                eta = step_rate.eta_s(step)
                 metrics.log(record)
                 if env.is_main:
                     logger.info(progress_line(record, cfg.steps, eta))

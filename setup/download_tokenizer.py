@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     spec = HUB_TOKENIZERS[args.name]
     print(
         f"wrote {path}: n_words={tokenizer.n_words} bos={tokenizer.bos_id} eos={tokenizer.eos_id}\n"
-        f"use it with: tokenizer.name={spec.tokenizer} tokenizer.path={path}"
+        f"use it with: data.tokenizer.name={spec.tokenizer} data.tokenizer.path={path}"
     )
 
 

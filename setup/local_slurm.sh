@@ -5,13 +5,19 @@
 #   bash setup/local_slurm.sh status
 #   bash setup/local_slurm.sh stop
 #
-# State, logs and the generated slurm.conf live in $LINGUA_SLURM_DIR (default /tmp/lingua-slurm).
+# State, logs, the generated slurm.conf and this cluster's own munged (socket, key, pid file) live
+# in $LINGUA_SLURM_DIR (default /tmp/lingua-slurm); slurmctld and slurmd listen on
+# $LINGUA_SLURM_CTLD_PORT and $LINGUA_SLURM_SLURMD_PORT (default 6817 and 6818). Two clusters on one
+# machine need two folders and two pairs of ports. `stop` stops the three daemons it started.
 # There is no accounting database: a small `sacct` stand-in that reads `scontrol show job` is put
 # first on PATH by `source "$LINGUA_SLURM_DIR/env.sh"`, so submitit sees real job states.
 set -euo pipefail
 
 dir=${LINGUA_SLURM_DIR:-/tmp/lingua-slurm}
+ctld_port=${LINGUA_SLURM_CTLD_PORT:-6817}
+slurmd_port=${LINGUA_SLURM_SLURMD_PORT:-6818}
 conf="$dir/slurm.conf"
+munge_dir="$dir/munge"
 
 install_if_missing() {
   command -v slurmctld >/dev/null && command -v munged >/dev/null && return 0
@@ -37,6 +43,7 @@ SlurmUser=$user
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=socket=$munge_dir/munge.socket
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -52,8 +59,8 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
 KillWait=30
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP
@@ -79,16 +86,31 @@ SACCT
   printf 'export SLURM_CONF=%q\nexport PATH=%q:$PATH\n' "$conf" "$dir/bin" > "$dir/env.sh"
 }
 
+check_ports_free() {
+  local port
+  for port in "$ctld_port" "$slurmd_port"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "[local_slurm] port $port is in use (another cluster?): set LINGUA_SLURM_CTLD_PORT and LINGUA_SLURM_SLURMD_PORT to free ports" >&2
+      exit 1
+    fi
+  done
+}
+
 start_munge() {
-  if pgrep -x munged >/dev/null; then return 0; fi
-  mkdir -p /etc/munge /var/lib/munge /var/log/munge /run/munge
-  if [ ! -s /etc/munge/munge.key ]; then
-    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+  # A munged of this cluster's own (socket, key, pid file in $munge_dir), so that stopping this
+  # cluster stops it and never a munged that something else uses.
+  mkdir -p "$munge_dir"
+  if [ ! -s "$munge_dir/munge.key" ]; then
+    dd if=/dev/urandom bs=1 count=1024 of="$munge_dir/munge.key" status=none
   fi
-  chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge /run/munge
-  chmod 400 /etc/munge/munge.key
-  chmod 755 /run/munge
-  su -s /bin/sh munge -c "/usr/sbin/munged --force" >/dev/null
+  chown -R munge:munge "$munge_dir"
+  chmod 755 "$munge_dir"
+  chmod 400 "$munge_dir/munge.key"
+  su -s /bin/sh munge -c "/usr/sbin/munged --force --socket=$munge_dir/munge.socket --key-file=$munge_dir/munge.key \
+    --pid-file=$munge_dir/munged.pid --log-file=$munge_dir/munged.log --seed-file=$munge_dir/munged.seed" >/dev/null
+  for _ in $(seq 1 50); do [ -S "$munge_dir/munge.socket" ] && return 0; sleep 0.1; done
+  echo "[local_slurm] munged did not start (the munge user must be able to reach $dir); see $munge_dir/munged.log" >&2
+  exit 1
 }
 
 wait_idle() {
@@ -103,9 +125,12 @@ wait_idle() {
 }
 
 stop_daemons() {
-  for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
+  local pidfile pid
+  for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$munge_dir/munged.pid"; do
     if [ -f "$pidfile" ]; then
-      kill "$(cat "$pidfile")" 2>/dev/null || true
+      pid=$(cat "$pidfile")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       rm -f "$pidfile"
     fi
   done
@@ -115,6 +140,7 @@ case "${1:-}" in
   start)
     install_if_missing
     stop_daemons
+    check_ports_free
     write_config
     start_munge
     slurmctld -f "$conf" -c
@@ -124,7 +150,7 @@ case "${1:-}" in
     ;;
   stop)
     stop_daemons
-    echo "[local_slurm] stopped"
+    echo "[local_slurm] stopped slurmd, slurmctld and munged of $dir"
     ;;
   status)
     SLURM_CONF="$conf" sinfo

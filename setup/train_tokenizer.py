@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"wrote {args.out}: n_words={tokenizer.n_words} bos={tokenizer.bos_id} eos={tokenizer.eos_id}, "
         f"{_chars_per_token(tokenizer, documents):.2f} characters per token on a sample\n"
-        f"use it with: tokenizer.name={args.format} tokenizer.path={args.out}"
+        f"use it with: data.tokenizer.name={args.format} data.tokenizer.path={args.out}"
     )
 
 

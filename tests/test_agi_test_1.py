@@ -36,6 +36,16 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def test_full_size_arm_without_a_gpu_is_refused_naming_quick(tmp_path):
+    done = subprocess.run(
+        ["bash", str(TEST_1 / "script" / "zero_copy_train.sh")],
+        env=_env(DUMP_DIR=str(tmp_path / "run"), CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "needs a GPU" in done.stderr and "QUICK=1 bash agi_test/test_1/script/zero_copy_train.sh" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Both arms trained once with QUICK=1, each into its own folder."""

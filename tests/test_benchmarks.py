@@ -1,8 +1,12 @@
 """Benchmarks run on CPU at tiny shapes: their parity gates pass and they print the ratio table."""
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +31,21 @@ def test_zero_copy_tiny_runs_and_reports():
     for name in ("zero-copy (update on device)", "zero-copy (update on host)", "zero-copy bf16 transfer", "GPU-resident"):
         assert f"| {name} |" in result.stdout, name
     assert "| public approach | " in result.stdout and "speedup vs public approach" in result.stdout
-    assert "device:" in result.stdout and "goals" in result.stdout
+    assert "device:" in result.stdout and "goals: not checked on CPU" in result.stdout
     assert "big table: 4 steps trained (probed rows moved)" in result.stdout
     assert "zero-copy forward buffer: 1024 rows = 0.25 MiB (bound min(N*L, R)); unique rows " in result.stdout
+    assert "PCIe" not in result.stdout and "(met)" not in result.stdout  # nothing crosses PCIe on CPU; the goals are for a GPU
+
+
+@pytest.mark.parametrize("name", ["dense_step", "leaky_average", "mosaics_step", "pk_bag", "pk_model", "zero_copy"])
+def test_full_size_on_cpu_refuses_at_once_naming_tiny(name, monkeypatch, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", [name])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2
+    assert f"python -m benchmarks.{name} --tiny" in capsys.readouterr().err
 
 
 def test_run_all_keeps_each_log_and_a_summary(tmp_path):

@@ -4,8 +4,11 @@ checkpoint. Skipped only where slurm-wlm and munge cannot be installed."""
 
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,18 +21,66 @@ REPO = Path(__file__).resolve().parents[1]
 CANNOT_INSTALL = 3  # local_slurm.sh's exit code when slurm cannot be installed here
 
 
+def cluster_env(folder: Path) -> dict:
+    """The environment of a local cluster kept in `folder` on two free ports (another cluster on this
+    machine, e.g. a second test session, keeps its own folder and ports)."""
+    with socket.socket() as ctld, socket.socket() as slurmd:
+        ctld.bind(("127.0.0.1", 0))
+        slurmd.bind(("127.0.0.1", 0))
+        ports = ctld.getsockname()[1], slurmd.getsockname()[1]
+    return {
+        **os.environ, "LINGUA_SLURM_DIR": str(folder), "LINGUA_SLURM_CTLD_PORT": str(ports[0]), "LINGUA_SLURM_SLURMD_PORT": str(ports[1]),
+        "SLURM_CONF": str(folder / "slurm.conf"), "PATH": f"{folder / 'bin'}:{os.environ['PATH']}",
+    }
+
+
+def local_slurm(env: dict, action: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "setup/local_slurm.sh", action], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def scratch_folder(name: str) -> Path:
+    """A folder the script creates itself below /tmp (the munge user must reach it; pytest's are private)."""
+    return Path(tempfile.gettempdir()) / f"lingua-slurm-{name}-{os.getpid()}"
+
+
 @pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory):
-    slurm_dir = Path(os.environ.get("LINGUA_SLURM_DIR", "/tmp/lingua-slurm"))
-    env = {**os.environ, "LINGUA_SLURM_DIR": str(slurm_dir)}
-    started = subprocess.run(["bash", "setup/local_slurm.sh", "start"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def slurm_env():
+    folder = scratch_folder("main")
+    env = cluster_env(folder)
+    started = local_slurm(env, "start")
     if started.returncode == CANNOT_INSTALL:
         pytest.skip(f"no SLURM here: {started.stderr.strip()}")
     assert started.returncode == 0, started.stdout + started.stderr
-    env["SLURM_CONF"] = str(slurm_dir / "slurm.conf")
-    env["PATH"] = f"{slurm_dir / 'bin'}:{env['PATH']}"
     yield env
-    subprocess.run(["bash", "setup/local_slurm.sh", "stop"], cwd=REPO, env=env, capture_output=True)
+    local_slurm(env, "stop")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_second_cluster_beside_the_first_and_stop_ends_all_it_started(slurm_env):
+    """Another folder and other ports give a second cluster on the same machine; `stop` ends its
+    slurmctld, slurmd and munged, and the first cluster keeps running."""
+    folder = scratch_folder("second")
+    env = cluster_env(folder)
+    try:
+        started = local_slurm(env, "start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        pid_files = [folder / "slurmctld.pid", folder / "slurmd.pid", folder / "munge" / "munged.pid"]
+        pids = [int(f.read_text()) for f in pid_files]
+        assert all(_alive(pid) for pid in pids)
+        stopped = local_slurm(env, "stop")
+        assert stopped.returncode == 0 and "munged" in stopped.stdout
+        assert not any(_alive(pid) for pid in pids) and not any(f.exists() for f in pid_files)
+    finally:
+        local_slurm(env, "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+    assert "idle" in subprocess.run(["sinfo", "-h", "-o", "%t"], env=slurm_env, capture_output=True, text=True).stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")

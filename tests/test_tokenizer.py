@@ -263,10 +263,24 @@ def test_missing_file_names_path_and_commands(name: str, fetch: str, tmp_path: P
     assert missing in message
     assert "python setup/train_tokenizer.py" in message and f"--out {missing}" in message
     assert f"python {fetch}" in message
-    with pytest.raises(TokenizerFileError, match=f"set tokenizer.path.*python {fetch}"):
+    with pytest.raises(TokenizerFileError, match=f"set data.tokenizer.path.*python {fetch}"):
         build_tokenizer(name, None)
     with pytest.raises(ConfigError, match="tokenizer.path"):
         TokenizerArgs(name=name)  # type: ignore[arg-type]
+
+
+def test_hints_never_write_over_a_file_or_under_a_downloaded_name(tmp_path: Path, monkeypatch) -> None:
+    """A training hint must not overwrite an existing file (the committed sentencepiece model read as
+    tiktoken) nor put a story tokenizer where a downloaded one belongs (tokenizer/llama2.model)."""
+    monkeypatch.chdir(REPO)
+    with pytest.raises(TokenizerFileError) as wrong:
+        build_tokenizer("tiktoken", "tokenizer/stories_sp2k.model")
+    assert "--out tokenizer/stories_sp2k.model" not in str(wrong.value) and "data.tokenizer.path=" in str(wrong.value)
+    with pytest.raises(TokenizerFileError) as gated:
+        build_tokenizer("sp", str(tmp_path / "llama2.model"))
+    message = str(gated.value)
+    assert "fetch it: python setup/download_tokenizer.py llama2" in message and "--out" not in message.split("llama2.model'")[-1]
+    assert "data.tokenizer.path=tokenizer/stories_sp2k.model" in message  # the committed story tokenizer instead
 
 
 def test_wrong_format_is_named(sp_model: Path, bpe_file: Path) -> None:

@@ -1,6 +1,7 @@
 """The training loop end to end on CPU: learning, exact resume, crash safety, non-finite loss."""
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -67,9 +68,14 @@ def crash_at_first_save_and_resume(cfg: MainTrainArgs, monkeypatch):
     return train(cfg, MODEL_SPEC)
 
 
-def test_loss_and_validation_decrease(corpus, tmp_path):
+def test_loss_and_validation_decrease(corpus, tmp_path, caplog):
     cfg = tiny_config(corpus, tmp_path / "run", steps=80, **{"validation.every": 40, "validation.max_batches": 4})
-    result = train(cfg, MODEL_SPEC)
+    with caplog.at_level(logging.INFO, logger="lingua"):
+        result = train(cfg, MODEL_SPEC)
+    run = tmp_path / "run"  # one line at the start names every place the run writes to
+    assert f"dump_dir {run} | metrics {run / 'metrics.jsonl'} | config {run / 'config.yaml'} | checkpoints {run / 'checkpoints'}" in caplog.messages[0]
+    progress = [m for m in caplog.messages if m.startswith("step 80/80 |")]
+    assert progress and "host rss " in progress[0] and "eta 0:00" in progress[0]
     assert result.step == 80
     val = [result.val_losses[s] for s in sorted(result.val_losses)]
     assert val[0] > 5.0  # byte vocabulary: ln(258) = 5.55 at init

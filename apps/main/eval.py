@@ -1,9 +1,10 @@
 """Evaluate an apps/main checkpoint: lm-eval tasks and validation loss/perplexity per source.
 
-    python -m apps.main.eval config=apps/main/configs/eval.yaml ckpt_dir=runs/debug
-    python -m apps.main.eval config=apps/main/configs/eval.yaml ckpt_dir=runs/debug harness.tasks=[synthetic_mc,synthetic_qa]
+    python -m apps.main.eval config=apps/main/configs/eval.yaml ckpt=runs/debug
+    python -m apps.main.eval config=apps/main/configs/eval.yaml ckpt=runs/debug harness.tasks=[synthetic_mc,synthetic_qa]
 
-Results go to <dump_dir>/eval/<step>/results.json and results.md, and one line per evaluation to
+`ckpt_dir=` is accepted for `ckpt=` (the public lingua name). Results go to
+<dump_dir>/eval/<step>/results.json and results.md, and one line per evaluation to
 <dump_dir>/metrics.eval.jsonl. `evaluate_checkpoint` is what the trainer calls every
 `checkpoint.eval.every` steps (inline, or in a submitit job through `submit_evaluation`).
 """
@@ -123,7 +124,8 @@ def evaluate_model(
     metrics = {**harness_metrics(results), **validation}
     with open(dump_dir / METRICS_FILE, "a") as file:
         file.write(json.dumps({"step": step, "name": args.name, "eval_seconds": time.perf_counter() - start, **metrics}) + "\n")
-    logger.info("step %d eval: %s (%s)", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), out_dir)
+    logger.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    logger.info("results: %s and %s; metrics line appended to %s", out_dir / "results.json", out_dir / "results.md", dump_dir / METRICS_FILE)
     return metrics
 
 
@@ -153,10 +155,10 @@ def submit_evaluation(ckpt: str | Path, args: EvalArgs, step: int, folder: str |
 
 def main(args: EvalArgs) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.ckpt_dir:
-        raise ConfigError("ckpt_dir is not set: pass ckpt_dir=<run dump_dir or checkpoint folder>")
+    if not args.ckpt:
+        raise ConfigError("ckpt is not set: pass ckpt=<run dump_dir or checkpoint folder>")
     try:
-        metrics = evaluate_checkpoint(args.ckpt_dir, args)
+        metrics = evaluate_checkpoint(args.ckpt, args)
     except FileNotFoundError as error:
         raise InputError(str(error)) from None
     for key, value in metrics.items():

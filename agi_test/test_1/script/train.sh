@@ -5,6 +5,7 @@
 #   NPROC=8 bash agi_test/test_1/script/train.sh zero_copy               # torchrun, 8 processes
 #   bash agi_test/test_1/script/train.sh zero_copy model.productkey_args.mem_n_keys=4096 steps=500
 #   QUICK=1 bash agi_test/test_1/script/train.sh zero_copy               # tiny model, ~10 s on a 2-core CPU
+# Without QUICK=1 a machine with no GPU is refused at once (exit 2), naming QUICK=1.
 # Extra arguments are config overrides (a.b=c). DUMP_DIR sets the run folder, PYTHON the interpreter
 # (default: .venv/bin/python when present). Compare the two arms: python -m agi_test.test_1.compare
 set -euo pipefail
@@ -31,6 +32,13 @@ if [ "${QUICK:-0}" = "1" ]; then
     )
 fi
 
+if [ "${QUICK:-0}" != "1" ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    # The full-size arm (a 24-layer model with a large memory table, thousands of steps) would take
+    # days on a CPU and measure nothing the experiment is about.
+    echo "agi_test/test_1: the full-size $ARM arm ($CONFIG) needs a GPU and this machine has none; nothing was run." >&2
+    echo "On CPU run the tiny version (same structure, about 10 s): QUICK=1 bash agi_test/test_1/script/${ARM}_train.sh" >&2
+    exit 2
+fi
 if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
     echo "NPROC=$NPROC: give a positive number of processes" >&2
     exit 2

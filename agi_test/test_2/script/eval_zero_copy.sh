@@ -11,4 +11,4 @@ CKPT="${CKPT:-runs/agi_test/test_1/zero_copy}"
 OUT="${OUT:-runs/agi_test/test_2/zero_copy}"
 LIMIT="${LIMIT:-100}"
 exec "$PYTHON" -m apps.main.eval config=agi_test/test_2/config/eval_zero_copy.yaml \
-    ckpt_dir="$CKPT" dump_dir="$OUT" harness.limit="$LIMIT" "$@"
+    ckpt="$CKPT" dump_dir="$OUT" harness.limit="$LIMIT" "$@"
