@@ -196,3 +196,207 @@ def test_greedy_generation_matches_token_for_token(exported):
             theirs = theirs[: theirs.index(tokenizer.eos_id)]
         assert row == theirs
         assert len(theirs) >= 4
+
+
+def test_model_args_command_builds_the_folder_architecture(exported, capsys, tmp_path):
+    """`python -m lingua.hf model-args` prints a model section that the folder loads into exactly."""
+    import yaml
+
+    assert hf_main(["model-args", str(exported["hf_dir"])]) == 0
+    model_args = yaml.safe_load(capsys.readouterr().out)["model"]
+    cfg = exported["cfg"]
+    rebuilt = train_config(tmp_path, to_dict(cfg)["data"]["tokenizer"], model_args)
+    fresh = random_model(rebuilt, seed=3)
+    load_model_weights(exported["hf_dir"], fresh)
+    tokens = torch.randint(0, cfg.model.dim, (1, 13))
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens), exported["model"](tokens))
+
+
+# ---- memory layers and Memory Mosaics: the lingua safetensors layout ----
+
+PK_ARGS = {"is_enabled": True, "layers": "1", "mem_n_keys": 8, "mem_heads": 2, "mem_knn": 4, "mem_k_dim": 16}
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_memory_layer_model_exports_to_lingua_format_and_loads_back(tmp_path, zero_copy):
+    cfg = train_config(tmp_path / "run", {"name": "bytes"}, {"dim": 32, "n_layers": 2, "n_heads": 4, "productkey_args": {**PK_ARGS, "zero_copy": zero_copy}})
+    model = random_model(cfg)
+    ckpt = save_consolidated(model, cfg, tmp_path / "ckpt")
+    with pytest.raises(InputError, match="product-key memory layers.*--format lingua"):
+        export(ckpt, tmp_path / "as_llama")
+    assert not (tmp_path / "as_llama").exists()
+    out = export(ckpt, tmp_path / "out", fmt="lingua")
+    config = json.loads((out / "config.json").read_text())
+    assert config["lingua_model_type"] == "apps.main"
+    header = read_header(out / "model.safetensors")
+    assert {k for k in header if k != "__metadata__"} == set(model.state_dict())  # the model's own names
+    loaded, _, _ = load_trained_model(out, MainTrainArgs, build_model, "cpu")
+    tokens = torch.randint(0, 258, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_mosaics_model_exports_to_lingua_format_and_loads_back(tmp_path):
+    from apps.mosaics.train import MosaicsTrainArgs, build_model as build_mosaics
+
+    cfg = config_from_dict(MosaicsTrainArgs, {
+        "dump_dir": str(tmp_path / "run"), "data": {"seq_len": 32},
+        "model": {"dim": 24, "n_layers": 2, "n_heads": 3, "pmem_size": 7, "ic_dropout": 0.0, "hd_dropout": 0.0},
+    })
+    with torch.device("meta"):
+        model = build_mosaics(cfg.model, build_tokenizer("bytes"))
+    model = model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    model.eval()
+    ckpt = save_consolidated(model, cfg, tmp_path / "ckpt")
+    with pytest.raises(InputError, match="apps.mosaics model is not a Llama.*--format lingua"):
+        export(ckpt, tmp_path / "as_llama")
+    out = export(ckpt, tmp_path / "out", fmt="lingua")
+    assert json.loads((out / "config.json").read_text())["lingua_model_type"] == "apps.mosaics"
+    loaded, _, _ = load_trained_model(out, MosaicsTrainArgs, build_mosaics, "cpu")
+    tokens = torch.randint(0, 258, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+# ---- import: a pretrained dense Llama as the start of a run with memory layers ----
+
+
+def dense_llama_folder(tmp_path: Path) -> tuple[Path, MainTrainArgs, torch.nn.Module]:
+    cfg = train_config(tmp_path / "dense_run", {"name": "sp", "path": SP_MODEL}, {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2})
+    model = random_model(cfg)
+    return export(save_consolidated(model, cfg, tmp_path / "dense_ckpt"), tmp_path / "llama"), cfg, model
+
+
+def test_import_adds_fresh_memory_layers_and_reports_tensors(tmp_path, caplog):
+    folder, dense_cfg, dense = dense_llama_folder(tmp_path)
+    model_args = {**to_dict(dense_cfg)["model"], "productkey_args": PK_ARGS}
+    cfg = train_config(tmp_path / "pk_run", to_dict(dense_cfg)["data"]["tokenizer"], model_args)
+    model = random_model(cfg, seed=7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="lingua.hf.folders"):
+        load_model_weights(folder, model)
+    dense_state = dense.state_dict()
+    for name, tensor in model.state_dict().items():
+        expected = dense_state[name] if name in dense_state else before[name]  # memory tensors keep their init
+        assert torch.equal(tensor, expected), name
+    message = caplog.text
+    fresh = message.split("fresh (no Llama counterpart, initialized): ")[1].split(";")[0].split(", ")
+    assert "memory_values.weight" in fresh and "layers.1.feed_forward.query_proj.weight" in fresh
+    assert all(name.startswith(("layers.1.feed_forward.", "memory_values.")) for name in fresh)
+    unused = ", ".join(f"model.layers.1.mlp.{p}_proj.weight" for p in ("down", "gate", "up"))
+    assert f"unused (feed-forwards this model replaces): {unused}" in message
+
+
+def test_init_ckpt_path_accepts_a_llama_folder(tmp_path):
+    """A run starts from the Llama weights (lr 1e-12: one step leaves them in place) with a fresh memory layer."""
+    from apps.main.train import MODEL_SPEC
+    from lingua.synthetic import write_corpus
+    from lingua.trainer import train
+
+    folder, dense_cfg, dense = dense_llama_folder(tmp_path)
+    write_corpus(tmp_path / "data", "stories", n_train=40, n_val=4, n_chunks=1, seed=0)
+    cfg = config_from_dict(MainTrainArgs, {
+        "dump_dir": str(tmp_path / "run"), "steps": 1,
+        "data": {"root_dir": str(tmp_path / "data"), "tokenizer": {"name": "sp", "path": SP_MODEL}, "batch_size": 2, "seq_len": 32, "load_async": False, "prefetch_size": 2},
+        "model": {**to_dict(dense_cfg)["model"], "productkey_args": PK_ARGS},
+        "optim": {"lr": 1e-12, "warmup": 0},
+        "checkpoint": {"init_ckpt_path": str(folder), "dump": {"every": 1, "keep": 1}},
+    })
+    result = train(cfg, MODEL_SPEC)
+    trained = random_model(cfg, seed=9)
+    load_model_weights(result.last_checkpoint, trained)
+    state = trained.state_dict()
+    for name, tensor in dense.state_dict().items():
+        if name in state:
+            torch.testing.assert_close(state[name], tensor, rtol=0, atol=1e-8, msg=name)
+    assert not any(name.startswith("layers.1.feed_forward.w") for name in state)
+
+
+# ---- bad input ----
+
+
+def test_export_refuses_an_existing_folder_and_is_never_half_written(tmp_path, monkeypatch, capsys):
+    cfg = train_config(tmp_path / "run", {"name": "bytes"}, {"dim": 32, "n_layers": 1, "n_heads": 4})
+    ckpt = save_consolidated(random_model(cfg), cfg, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert hf_main(["export", str(ckpt), str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "exists" in error and "--overwrite" in error
+    assert (out / "keep.txt").read_text() == "mine"
+
+    import lingua.hf.export as export_module
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "write_tokenizer_files", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(ckpt, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"  # the old folder stays whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no partial folder left
+    monkeypatch.undo()
+    assert hf_main(["export", str(ckpt), str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+
+
+def test_export_of_a_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert hf_main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_llama_folders_name_the_file(tmp_path):
+    folder, cfg, _ = dense_llama_folder(tmp_path)
+    model = random_model(cfg)
+    config = json.loads((folder / "config.json").read_text())
+
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(FolderFormatError, match=r"config.json: model_type='gpt2'"):
+        load_model_weights(folder, model)
+    (folder / "config.json").write_text(json.dumps(config))
+
+    (folder / "model.safetensors").rename(tmp_path / "weights.safetensors")
+    with pytest.raises(FolderFormatError, match=r"model.safetensors is missing"):
+        load_model_weights(folder, model)
+    (folder / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(FolderFormatError, match=r"model.safetensors.index.json: sharded"):
+        load_model_weights(folder, model)
+    (folder / "model.safetensors.index.json").unlink()
+    (tmp_path / "weights.safetensors").rename(folder / "model.safetensors")
+
+    other_heads = random_model(train_config(tmp_path / "r2", to_dict(cfg)["data"]["tokenizer"], {**to_dict(cfg)["model"], "n_kv_heads": 4}))
+    with pytest.raises(FolderFormatError, match=r"tensor layers.0.attention.wk.weight has shape \[16, 32\] there but \[32, 32\].*model-args"):
+        load_model_weights(folder, other_heads)
+    more_layers = random_model(train_config(tmp_path / "r3", to_dict(cfg)["data"]["tokenizer"], {**to_dict(cfg)["model"], "n_layers": 3}))
+    with pytest.raises(FolderFormatError, match=r"lacks: \['layers.2.attention.wk.weight'"):
+        load_model_weights(folder, more_layers)
+
+
+# ---- the streaming safetensors writer ----
+
+
+def test_safetensors_writer_streams_in_slices(tmp_path):
+    tensors = {
+        "f32": torch.randn(5, 3),
+        "bf16": torch.randn(4, 6).to(torch.bfloat16),
+        "f16_transposed": torch.randn(3, 5).half().t(),
+        "i64": torch.arange(7),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, tensors.items(), {"lingua_model_type": "apps.main"}, slice_bytes=7)
+    loaded = read_safetensors(path)
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    assert read_header(path)["__metadata__"] == {"lingua_model_type": "apps.main"}
+    with pytest.raises(ValueError, match="appears twice"):
+        write_safetensors(path, [("a", torch.zeros(1)), ("a", torch.zeros(1))])

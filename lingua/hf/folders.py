@@ -114,6 +114,7 @@ def _llama_state(
         replaced = match is not None and any(n.startswith(f"layers.{match.group(1)}.feed_forward.") for n in expected)
         (unused if replaced else extra).append(hf_name(name) or name)
         del state[name]
+    unused.sort()
     if missing or extra:
         raise FolderFormatError(
             f"{folder / WEIGHTS_FILE} does not fit the model: tensors the model needs but the folder lacks: {missing or 'none'}; "
