@@ -41,6 +41,15 @@ TEXTS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster than several on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiktoken_file(tmp_path_factory) -> str:
     sys.path.insert(0, str(REPO / "setup"))
@@ -334,7 +343,7 @@ def test_export_refuses_an_existing_folder_and_is_never_half_written(tmp_path, m
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export_module, "write_tokenizer_files", fail)
+    monkeypatch.setattr(export_module, "_write_params", fail)  # after the weights and tokenizer files
     with pytest.raises(RuntimeError, match="disk full"):
         export(ckpt, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"  # the old folder stays whole
@@ -400,3 +409,113 @@ def test_safetensors_writer_streams_in_slices(tmp_path):
     assert read_header(path)["__metadata__"] == {"lingua_model_type": "apps.main"}
     with pytest.raises(ValueError, match="appears twice"):
         write_safetensors(path, [("a", torch.zeros(1)), ("a", torch.zeros(1))])
+
+
+# ---- lm-eval cross-check: lingua's adapter against lm-eval's own `hf` model ----
+
+# A few rows in the format of lm-eval's hellaswag (after its process_docs), piqa and nq_open, with
+# task YAMLs that keep the real ones' prompts, choices, delimiters, stops, filters and metrics
+# (nq_open: max_gen_toks 24 instead of lm-eval's default 256, to keep the test short).
+HUB_FORMAT_TASKS = {
+    "hellaswag": (
+        {"output_type": "multiple_choice", "doc_to_text": "{{query}}", "doc_to_target": "{{label}}", "doc_to_choice": "choices",
+         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}, {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]},
+        [{"query": "Baking cookies: A woman mixes flour and sugar in a bowl. She", "choices": ["adds two eggs and stirs.", "drives to the shed.", "sings to the moon.", "paints the wall green."], "label": "0"},
+         {"query": "Walking the dog: A man clips a leash to the collar. He", "choices": ["opens the door and walks out.", "bakes a cake.", "reads the sky.", "swims to the farm."], "label": "0"},
+         {"query": "Gardening: Mia digs a hole in the garden. She", "choices": ["flies a kite.", "plants a small tree in it.", "counts to 12345.", "naps in the stable."], "label": "1"}],
+    ),
+    "piqa": (
+        {"output_type": "multiple_choice", "doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "label", "doc_to_choice": "{{[sol1, sol2]}}",
+         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}, {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]},
+        [{"goal": "How do you keep a door open?", "sol1": "Put a wedge under it.", "sol2": "Put a wedge on top of it.", "label": 0},
+         {"goal": "To dry wet shoes,", "sol1": "fill them with ice.", "sol2": "stuff them with newspaper.", "label": 1},
+         {"goal": "How to cut bread evenly", "sol1": "use a sharp serrated knife", "sol2": "use a spoon", "label": 0}],
+    ),
+    "nq_open": (
+        {"output_type": "generate_until", "description": "Answer these questions:\n\n", "doc_to_text": "Q: {{question}}?\nA:", "doc_to_target": "{{answer}}",
+         "fewshot_delimiter": "\n", "target_delimiter": " ",
+         "generation_kwargs": {"until": ["\n", ".", ","], "do_sample": False, "temperature": 0.0, "max_gen_toks": 24},
+         "filter_list": [{"name": "remove_whitespace", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
+         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True, "ignore_punctuation": True,
+                          "regexes_to_ignore": ["\\b(?:The |the |An |A |The |a |an )"]}]},
+        [{"question": "where was mia at the start", "answer": ["in the shed", "the shed"]},
+         {"question": "who found the ball", "answer": ["Otto"]},
+         {"question": "what lay in the garden", "answer": ["a tiny sock"]}],
+    ),
+}
+
+
+def write_hub_format_tasks(folder: Path) -> list[str]:
+    import yaml
+
+    paths = []
+    for name, (fields, rows) in HUB_FORMAT_TASKS.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        task = {"task": f"{name}_local", "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": f"{name}.jsonl"}},
+                "validation_split": "validation", **fields, "metadata": {"version": 1.0}}
+        (folder / f"{name}_local.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+        paths.append(str(folder / f"{name}_local.yaml"))
+    return paths
+
+
+def samples_by_doc(results: dict[str, Any], task: str) -> dict[int, Any]:
+    return {s["doc_id"]: s for s in results["samples"][task]}
+
+
+def test_eval_adapter_matches_lm_eval_hf_model(tmp_path, monkeypatch):
+    """The offline tasks and hellaswag/piqa/nq_open-format copies, through lingua's LinguaLM on the
+    lingua model and through lm-eval's HFLM on its exported folder: the same loglikelihood per
+    request (within 1e-4), the same greedy flags and generations, the same accuracies and exact match."""
+    from lm_eval.models.huggingface import HFLM
+
+    from lingua.eval_harness import HarnessArgs, LinguaLM, run_harness
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # bytes: transformers and lingua decode invalid UTF-8 (random models emit it) the same way;
+    # sentencepiece's byte-fallback pieces do not (see lingua/hf/tokenizer_files.py)
+    cfg = train_config(tmp_path / "run", {"name": "bytes"}, {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seqlen": 320})
+    model = random_model(cfg)
+    hf_dir = export(save_consolidated(model, cfg, tmp_path / "ckpt"), tmp_path / "hf")
+    tokenizer = build_tokenizer("bytes")
+    hf_lm = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=1, add_bos_token=True)
+    assert (hf_lm.max_length, hf_lm.max_gen_toks) == (320, 256)  # the context window both truncate to
+    ours_lm = LinguaLM(tokenizer, model_logits_fn(model), max_length=320, generate_fn=model_generate_fn(model, tokenizer),
+                       batch_size=4, max_gen_toks=hf_lm.max_gen_toks)
+    tasks = ["synthetic_mc", "synthetic_qa", *write_hub_format_tasks(tmp_path)]
+    args = HarnessArgs(tasks=tasks, task_dirs=[str(TASKS_DIR)], limit=2, bootstrap_iters=0, log_samples=True, check_hub=False)
+    ours, theirs = run_harness(ours_lm, args), run_harness(hf_lm, args)
+
+    assert set(ours["results"]) == set(theirs["results"]) == {"synthetic_mc", "synthetic_qa", "hellaswag_local", "piqa_local", "nq_open_local"}
+    n_loglik = n_generated = 0
+    for task in ours["results"]:
+        mine, reference = samples_by_doc(ours, task), samples_by_doc(theirs, task)
+        assert mine.keys() == reference.keys() and len(mine) == 2
+        for doc_id, sample in mine.items():
+            for ours_resp, their_resp in zip(sample["resps"], reference[doc_id]["resps"], strict=True):
+                if isinstance(ours_resp[0], str):  # generate_until
+                    assert ours_resp == their_resp, (task, doc_id)
+                    n_generated += 1
+                else:  # loglikelihood: (logprob, is_greedy)
+                    assert ours_resp[0][0] == pytest.approx(their_resp[0][0], abs=LOGLIK_TOL), (task, doc_id)
+                    assert ours_resp[0][1] == their_resp[0][1], (task, doc_id)
+                    n_loglik += 1
+        for metric in ("acc,none", "acc_norm,none", "exact_match,remove_whitespace"):
+            if metric in ours["results"][task]:
+                assert ours["results"][task][metric] == theirs["results"][task][metric], (task, metric)
+    assert n_loglik == 2 * 4 + 2 * 4 + 2 * 2 and n_generated == 4
+
+
+def test_a_tokenizer_that_cannot_be_reproduced_is_refused(tmp_path):
+    """A unigram sentencepiece model is not a BPE: its export is refused before anything is written."""
+    sys.path.insert(0, str(REPO / "setup"))
+    import train_tokenizer
+
+    docs = [json.loads(line)["ctx"] for line in (TASKS_DIR / "synthetic_mc.train.jsonl").read_text().splitlines()]
+    model_file = tmp_path / "unigram.model"
+    model_file.write_bytes(train_tokenizer.sentencepiece_model_bytes(docs, 500, "unigram", seed=0))
+    cfg = train_config(tmp_path / "run", {"name": "sp", "path": str(model_file)}, {"dim": 32, "n_layers": 1, "n_heads": 4})
+    ckpt = save_consolidated(random_model(cfg), cfg, tmp_path / "ckpt")
+    with pytest.raises(InputError, match="unigram.model.*cannot be exported"):
+        export(ckpt, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "unigram.model"]

@@ -26,7 +26,7 @@ from lingua.checkpoint import CONSOLIDATED_DIR, CONSOLIDATED_FILE, PARAMS_FILE, 
 from lingua.hf.folders import CONFIG_FILE, LINGUA_FORMAT_VERSION, WEIGHTS_FILE
 from lingua.hf.llama import LlamaShape, lingua_to_llama, llama_config
 from lingua.hf.safetensors_io import write_safetensors
-from lingua.hf.tokenizer_files import write_tokenizer_files
+from lingua.hf.tokenizer_files import checked_hf_tokenizer
 from lingua.tokenizer import build_tokenizer
 
 ExportFormat = Literal["llama", "lingua"]
@@ -99,6 +99,7 @@ def export(ckpt: str | Path, out_dir: str | Path, fmt: ExportFormat = "llama", o
         raise InputError(f"cannot export {ckpt} as a Llama: {problem}; export it with --format lingua (safetensors + params.json, loads back with load_trained_model)")
     tok_args = params["data"]["tokenizer"]
     tokenizer = build_tokenizer(tok_args["name"], tok_args.get("path"))
+    hf_tokenizer = checked_hf_tokenizer(tokenizer, tok_args.get("path"), params["model"].get("max_seqlen") or params["data"]["seq_len"])
 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -115,8 +116,7 @@ def export(ckpt: str | Path, out_dir: str | Path, fmt: ExportFormat = "llama", o
                     "tensor_names": "the model's state-dict names (see params.json for its config)",
                     "torch_dtype": _state_dtype(state),
                 })
-        max_length = params["model"].get("max_seqlen") or params["data"]["seq_len"]
-        write_tokenizer_files(tokenizer, tok_args.get("path"), staging, max_length)
+        hf_tokenizer.save_pretrained(str(staging))
         _write_params(staging, out, params)
         _publish(staging, out)
     except BaseException:

@@ -8,12 +8,14 @@ digits and non-ASCII characters).
   run of whitespace (sentencepiece's split with whitespace-only pieces), byte fallback. Only the
   models `setup/train_tokenizer.py` writes are supported (BPE, identity normalization, no dummy prefix).
 - tiktoken: byte-level BPE with the Llama 3 pre-tokenizer and its 256 special tokens.
-Encoding with special tokens prepends BOS, as lingua's `encode(text, add_bos=True)`.
+Encoding with special tokens prepends BOS, as lingua's `encode(text, add_bos=True)`. Two known
+differences: transformers parses special-token text ("<|eot_id|>") where lingua keeps it plain
+text, and ids that spell invalid UTF-8 through sentencepiece byte pieces decode to one U+FFFD per
+byte in transformers where sentencepiece keeps the valid bytes.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lingua.args import InputError
@@ -74,7 +76,7 @@ def _byte_level(tokenizer_model: Any, pattern: str | None) -> Any:
     return tok
 
 
-def _bytes_tokenizer(tokenizer: ByteTokenizer) -> tuple[Any, list[str]]:
+def _bytes_tokenizer(tokenizer: ByteTokenizer, path: str | None) -> tuple[Any, list[str]]:
     from tokenizers import models
 
     table = byte_to_unicode()
@@ -82,10 +84,11 @@ def _bytes_tokenizer(tokenizer: ByteTokenizer) -> tuple[Any, list[str]]:
     return _byte_level(models.BPE(vocab=vocab, merges=[]), None), list(BYTES_SPECIAL)
 
 
-def _tiktoken_tokenizer(tokenizer: TikTokenTokenizer) -> tuple[Any, list[str]]:
+def _tiktoken_tokenizer(tokenizer: TikTokenTokenizer, path: str | None) -> tuple[Any, list[str]]:
+    from tiktoken.load import load_tiktoken_bpe
     from tokenizers import models
 
-    ranks = tokenizer._encoding._mergeable_ranks
+    ranks = load_tiktoken_bpe(str(path))
     table = byte_to_unicode()
     text = lambda token: "".join(table[b] for b in token)  # noqa: E731
     vocab = {text(token): rank for token, rank in ranks.items()}
@@ -94,10 +97,23 @@ def _tiktoken_tokenizer(tokenizer: TikTokenTokenizer) -> tuple[Any, list[str]]:
     return _byte_level(model, LLAMA3_PATTERN), sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
 
 
-def _sp_tokenizer(tokenizer: SentencePieceTokenizer) -> tuple[Any, list[str]]:
+def _check_sp_model(sp: Any, path: str | None) -> None:
+    """Refuse sentencepiece models whose encoding the tokenizer.json above would not reproduce."""
+    probe = "a  b\n c \uff21"  # folded whitespace or NFKC (fullwidth A -> A) would change it
+    pieces = sp.encode(probe, out_type=str)
+    if pieces[0].startswith(SP_SPACE) or sp.decode(sp.encode(probe)) != probe:
+        raise InputError(
+            f"sentencepiece model '{path}' normalizes text (dummy prefix, whitespace folding or a normalization rule), "
+            "which the Hugging Face export does not reproduce; export models trained by setup/train_tokenizer.py"
+        )
+
+
+def _sp_tokenizer(tokenizer: SentencePieceTokenizer, path: str | None) -> tuple[Any, list[str]]:
+    import sentencepiece
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
-    sp = tokenizer._model
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    _check_sp_model(sp, path)
     normal = [i for i in range(sp.vocab_size()) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))]
     vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
     by_score = sorted(normal, key=lambda i: (-sp.get_score(i), i))
@@ -115,23 +131,11 @@ def _sp_tokenizer(tokenizer: SentencePieceTokenizer) -> tuple[Any, list[str]]:
     return tok, specials
 
 
-TOKENIZER_BUILDERS: Mapping[type, Callable[[Any], tuple[Any, list[str]]]] = {
+TOKENIZER_BUILDERS: Mapping[type, Callable[[Any, str | None], tuple[Any, list[str]]]] = {
     ByteTokenizer: _bytes_tokenizer,
     SentencePieceTokenizer: _sp_tokenizer,
     TikTokenTokenizer: _tiktoken_tokenizer,
 }
-
-
-def _check_sp_model(tokenizer: SentencePieceTokenizer, path: str | None) -> None:
-    """Refuse sentencepiece models whose encoding the tokenizer.json above would not reproduce."""
-    sp = tokenizer._model
-    probe = "a  b\n c \uff21"  # folded whitespace or NFKC (fullwidth A -> A) would change it
-    pieces = sp.encode(probe, out_type=str)
-    if pieces[0].startswith(SP_SPACE) or sp.decode(sp.encode(probe)) != probe:
-        raise InputError(
-            f"sentencepiece model '{path}' normalizes text (dummy prefix, whitespace folding or a normalization rule), "
-            "which the Hugging Face export does not reproduce; export models trained by setup/train_tokenizer.py"
-        )
 
 
 def hf_tokenizer(tokenizer: Tokenizer, path: str | None, model_max_length: int) -> Any:
@@ -142,9 +146,7 @@ def hf_tokenizer(tokenizer: Tokenizer, path: str | None, model_max_length: int) 
     builder = TOKENIZER_BUILDERS.get(type(tokenizer))
     if builder is None:
         raise InputError(f"no Hugging Face tokenizer export for {type(tokenizer).__name__}; supported: bytes, sp, tiktoken")
-    if isinstance(tokenizer, SentencePieceTokenizer):
-        _check_sp_model(tokenizer, path)
-    tok, specials = builder(tokenizer)
+    tok, specials = builder(tokenizer, path)
     # added after the base vocabulary (bytes, tiktoken) or marked in it (sentencepiece control pieces)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     bos, eos = tok.id_to_token(tokenizer.bos_id), tok.id_to_token(tokenizer.eos_id)
@@ -159,11 +161,24 @@ def hf_tokenizer(tokenizer: Tokenizer, path: str | None, model_max_length: int) 
     )
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, path: str | None, out_dir: Path, model_max_length: int) -> None:
-    """Write the transformers tokenizer files of `tokenizer` into `out_dir` and check that the
-    written files load and assign ids as `tokenizer` does."""
+# Texts every exported tokenizer must encode as lingua does before its files are written.
+PROBE_TEXTS = (
+    "Once upon a time, Mia  went to the shed.\n\nQ: Where is Mia? A: in the shed",
+    "  spaces   around\tand\r\nlines ",
+    "digits 12345, 3.14 and naïve café: 日本語 😀",
+)
+
+
+def checked_hf_tokenizer(tokenizer: Tokenizer, path: str | None, model_max_length: int) -> Any:
+    """The transformers tokenizer of `tokenizer` (`save_pretrained(folder)` writes its files), after
+    checking that it encodes the probe texts to the same ids as `tokenizer` (BOS first)."""
     hf = hf_tokenizer(tokenizer, path, model_max_length)
-    for token_id in (tokenizer.bos_id, tokenizer.eos_id):
-        if hf.convert_tokens_to_ids(hf.convert_ids_to_tokens(token_id)) != token_id:
-            raise InputError(f"tokenizer '{path}': special token id {token_id} does not round-trip through tokenizer.json")
-    hf.save_pretrained(str(out_dir))
+    for text in PROBE_TEXTS:
+        ours, theirs = tokenizer.encode(text, add_bos=True), hf.encode(text)
+        if ours != theirs:
+            raise InputError(
+                f"tokenizer '{path or type(tokenizer).__name__}': the Hugging Face tokenizer built from it encodes {text!r} "
+                f"as {theirs[:12]}... where lingua gives {ours[:12]}...; it cannot be exported (only BPE models as "
+                "setup/train_tokenizer.py writes them are supported)"
+            )
+    return hf
