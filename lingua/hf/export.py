@@ -116,7 +116,7 @@ def export(ckpt: str | Path, out_dir: str | Path, fmt: ExportFormat = "llama", o
                     "tensor_names": "the model's state-dict names (see params.json for its config)",
                     "torch_dtype": _state_dtype(state),
                 })
-        hf_tokenizer.save_pretrained(str(staging))
+        _save_tokenizer(hf_tokenizer, staging)
         _write_params(staging, out, params)
         _publish(staging, out)
     except BaseException:
@@ -133,6 +133,16 @@ def _write_llama(folder: Path, model: Mapping[str, Any], state: Mapping[str, Ten
     write_safetensors(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
     _write_json(folder / CONFIG_FILE, config)
     _write_json(folder / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "do_sample": False})
+
+
+def _save_tokenizer(hf_tokenizer: Any, folder: Path) -> None:
+    """tokenizer.json and tokenizer_config.json, the latter naming the class every transformers
+    version loads tokenizer.json with."""
+    hf_tokenizer.save_pretrained(str(folder))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("backend", None)
+    _write_json(config_path, {**config, "tokenizer_class": "PreTrainedTokenizerFast"})
 
 
 def _write_params(staging: Path, out: Path, params: dict[str, Any]) -> None:
