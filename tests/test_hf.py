@@ -323,6 +323,13 @@ def test_init_ckpt_path_accepts_a_llama_folder(tmp_path):
             torch.testing.assert_close(state[name], tensor, rtol=0, atol=1e-8, msg=name)
     assert not any(name.startswith("layers.1.feed_forward.w") for name in state)
 
+    # the run's sharded (DCP) checkpoint exports from its dump_dir, and loads back the same
+    out = export(cfg.dump_dir, tmp_path / "exported_run", fmt="lingua")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "lingua_tokenizer", "model.safetensors", "params.json", "tokenizer.json", "tokenizer_config.json"]
+    loaded, _, _ = load_trained_model(out, MainTrainArgs, build_model, "cpu")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
 
 # ---- bad input ----
 
