@@ -4,19 +4,20 @@
 (config.json, model.safetensors, generation_config.json, tokenizer files). `--format lingua`: any
 model (memory layers, Memory Mosaics) with its own tensor names, a config.json naming the lingua
 model type, and params.json, so `load_trained_model` loads it back. Both also hold params.json and
-the lingua tokenizer file. Weights are read on the CPU (memory-mapped from a consolidated file) and
-streamed to disk: host-memory value tables never go to a GPU. The folder is written under a
+the lingua tokenizer file. Weights are read on the CPU (memory-mapped from a consolidated file, or
+the model tensors of a sharded checkpoint without its optimizer state) and streamed to disk:
+host-memory value tables never go to a GPU. The folder is written under a
 temporary name beside OUT_DIR and renamed into place when complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -56,22 +57,25 @@ def llama_export_problem(model_type: str, model: Mapping[str, Any]) -> str | Non
     return None
 
 
-@contextlib.contextmanager
-def checkpoint_state(weights: Path, scratch: Path) -> Iterator[dict[str, Tensor]]:
+def checkpoint_state(weights: Path) -> dict[str, Tensor]:
     """The model state dict of a checkpoint on the CPU: memory-mapped from a consolidated .pth, or
-    from a sharded (DCP) folder gathered into `scratch` first (removed afterwards)."""
+    read from a sharded (DCP) folder, model tensors only (no optimizer state is loaded)."""
     consolidated = weights / CONSOLIDATED_DIR / CONSOLIDATED_FILE if weights.is_dir() else weights
     if consolidated.is_file():
-        yield torch.load(consolidated, map_location="cpu", weights_only=True, mmap=True)["model"]
-        return
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        return torch.load(consolidated, map_location="cpu", weights_only=True, mmap=True)["model"]
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    gathered = scratch / "gathered.pth"
-    dcp_to_torch_save(str(weights), str(gathered))
-    try:
-        yield torch.load(gathered, map_location="cpu", weights_only=True, mmap=True)["model"]
-    finally:
-        gathered.unlink(missing_ok=True)
+    metadata = dcp.FileSystemReader(str(weights)).read_metadata()
+    state = {
+        key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():  # one process, no process group: intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": state}, checkpoint_id=str(weights), no_dist=True)
+    return state
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -105,17 +109,17 @@ def export(ckpt: str | Path, out_dir: str | Path, fmt: ExportFormat = "llama", o
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        with checkpoint_state(weights, staging) as state:
-            if fmt == "llama":
-                _write_llama(staging, params["model"], state, tokenizer.bos_id, tokenizer.eos_id)
-            else:
-                write_safetensors(staging / WEIGHTS_FILE, state.items(), {"format": "pt", "lingua_model_type": model_type})
-                _write_json(staging / CONFIG_FILE, {
-                    "lingua_model_type": model_type,
-                    "lingua_format_version": LINGUA_FORMAT_VERSION,
-                    "tensor_names": "the model's state-dict names (see params.json for its config)",
-                    "torch_dtype": _state_dtype(state),
-                })
+        state = checkpoint_state(weights)
+        if fmt == "llama":
+            _write_llama(staging, params["model"], state, tokenizer.bos_id, tokenizer.eos_id)
+        else:
+            write_safetensors(staging / WEIGHTS_FILE, state.items(), {"format": "pt", "lingua_model_type": model_type})
+            _write_json(staging / CONFIG_FILE, {
+                "lingua_model_type": model_type,
+                "lingua_format_version": LINGUA_FORMAT_VERSION,
+                "tensor_names": "the model's state-dict names (see params.json for its config)",
+                "torch_dtype": _state_dtype(state),
+            })
         _save_tokenizer(hf_tokenizer, staging)
         _write_params(staging, out, params)
         _publish(staging, out)
