@@ -338,8 +338,14 @@ def load_trained_model(
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load model weights only, from a checkpoint folder (DCP) or a consolidated .pth file."""
+    """Load model weights only, from a checkpoint folder (DCP), a consolidated .pth file, or a
+    safetensors folder (a Hugging Face Llama or a `python -m lingua.hf export`)."""
     path = Path(path)
+    from lingua.hf.folders import is_model_folder, load_folder_weights  # safetensors folders: lingua.hf owns them
+
+    if is_model_folder(path):
+        load_folder_weights(path, model)
+        return
     if path.is_file():
         # mmap: tensors are read from the file as they are copied in (host tables are never held twice).
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"])

@@ -3,7 +3,7 @@
 #
 #   bash setup/create_env.sh            # .venv in the repository root
 #   LINGUA_ENV=/path/to/env bash setup/create_env.sh
-#   LINGUA_EXTRAS=dev,gpu bash setup/create_env.sh
+#   LINGUA_EXTRAS=dev,hf,gpu bash setup/create_env.sh   (default: dev,hf)
 #
 # An installed torch is never replaced: its version (and the triton it expects) go into a
 # constraints file every later pip call obeys. With no torch present, TORCH_SPEC
@@ -12,7 +12,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 env_dir=${LINGUA_ENV:-$repo/.venv}
-extras=${LINGUA_EXTRAS:-dev}
+extras=${LINGUA_EXTRAS:-dev,hf}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
 python_bin=${PYTHON:-python3}
 
