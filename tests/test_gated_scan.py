@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lingua.mosaics.gated_scan import gated_key_scan, gated_key_scan_naive, gated_key_scan_op
+from lingua.mosaics.gated_scan.triton_scan import scan_bwd, scan_fwd
 
 # Max error relative to the reference's largest magnitude, per dtype of the compared computation.
 TOLERANCE = {
@@ -112,15 +113,15 @@ def test_keys_under_eps_match_naive(impl):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "op"])
-def test_gradcheck_float64(impl):
-    x, g, d, doc = _inputs(1, 19, 2, 2, doc_rate=0.1)
+def test_gradcheck_float64(impl, device):
+    x, g, d, doc = _inputs(1, 19, 2, 2, doc_rate=0.1, device=device)
     assert torch.autograd.gradcheck(
         lambda x, g, d: gated_key_scan(x, g, d, doc, impl=impl, chunk_size=16), (x, g, d)
     )
 
 
-def test_op_opcheck():
-    x, g, d, doc = _inputs(1, 21, 2, 3, doc_rate=0.1)
+def test_op_opcheck(device):
+    x, g, d, doc = _inputs(1, 21, 2, 3, doc_rate=0.1, device=device)
     torch.library.opcheck(gated_key_scan_op, (x, g, d, doc, 1e-6, 16))
     torch.library.opcheck(gated_key_scan_op, (x, g, d, None, 1e-6, 16))
 
@@ -130,19 +131,83 @@ def test_bf16_inputs_accumulate_in_fp32(impl):
     _check_against_naive(impl, _inputs(2, 40, 2, 8), dtype=torch.bfloat16)
 
 
-def test_op_compiles_without_graph_breaks():
-    x, g, d, doc = (t.detach().float() if t.is_floating_point() else t for t in _inputs(2, 37, 2, 4))
+def test_op_compiles_without_graph_breaks(device):
+    x, g, d, doc = (t.detach().float() if t.is_floating_point() else t for t in _inputs(2, 37, 2, 4, device=device))
 
     def f(x, w):
         keys = gated_key_scan(torch.sin(x), x[..., :2] * w, -(x[..., 2:4] * w).abs(), doc, chunk_size=16)
         return keys.square().mean() + keys[..., 0].sum()
 
-    w = torch.tensor(0.7, requires_grad=True)
+    w = torch.tensor(0.7, device=device, requires_grad=True)
     x.requires_grad_()
     eager = torch.autograd.grad(f(x, w), (x, w))
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w), (x, w))
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _check_kernels(inputs, dtype=torch.float32, chunk_size=16, eps=1e-6, with_docs=True):
+    """scan_fwd / scan_bwd into NaN-filled outputs against the naive loop, random output gradients."""
+    x, g, d, doc = inputs
+    doc = doc if with_docs else None
+    ref = gated_key_scan_naive(x, g, d, doc, eps)
+    dk = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype).to(ref.device)
+    ref_grads = torch.autograd.grad(ref, (x, g, d), dk)
+    cast = [t.detach().to(dtype) for t in (x, g, d)]
+    keys, m_states, s_states = scan_fwd(*cast, doc, eps, chunk_size, fill_nan=True)
+    assert keys.dtype == dtype and not m_states.isnan().any() and not s_states.isnan().any()
+    _close(keys, ref, dtype)
+    grads = scan_bwd(dk.to(dtype), *cast, doc, m_states, s_states, eps, chunk_size, fill_nan=True)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        _close(got, want, dtype)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 1, 2, 3, 16), (2, 7, 3, 5, 16), (2, 64, 2, 4, 16), (1, 300, 2, 6, 32), (1, 4096, 1, 2, 64)], ids=str
+)
+def test_triton_kernels_match_naive(shape, device):
+    B, T, H, D, chunk_size = shape
+    inputs = _inputs(B, T, H, D, doc_rate=min(0.05, 8 / T), device=device)
+    _check_kernels(inputs, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize(
+    "gate_scale,decay_scale", [(80.0, 1.0), (1000.0, 1.0), (3.0, 50.0), (3.0, 1e-7)],
+    ids=["gates 80", "gates 1000", "decays near 0", "decays near 1"],
+)
+def test_triton_kernels_extreme_gates(gate_scale, decay_scale, device):
+    _check_kernels(_inputs(2, 45, 2, 4, gate_scale=gate_scale, decay_scale=decay_scale, device=device))
+
+
+def test_triton_kernels_without_documents_and_under_eps(device):
+    _check_kernels(_inputs(2, 37, 2, 4, device=device), with_docs=False)
+    x, g, d, doc = _inputs(2, 37, 2, 4, device=device)
+    _check_kernels(((x.detach() * 1e-9).requires_grad_(), g, d, doc), dtype=torch.float64)
+
+
+def test_triton_kernels_bf16_inputs(device):
+    _check_kernels(_inputs(2, 40, 2, 8, device=device), dtype=torch.bfloat16)
+
+
+class _KernelScan(torch.autograd.Function):
+    """The two launchers as one differentiable function, to gradcheck the kernels on any device."""
+
+    @staticmethod
+    def forward(ctx, x, g, d, doc):
+        keys, m_states, s_states = scan_fwd(x, g, d, doc, 1e-6, 16)
+        ctx.save_for_backward(x, g, d, doc, m_states, s_states)
+        return keys
+
+    @staticmethod
+    def backward(ctx, dk):
+        x, g, d, doc, m_states, s_states = ctx.saved_tensors
+        return (*scan_bwd(dk, x, g, d, doc, m_states, s_states, 1e-6, 16), None)
+
+
+def test_triton_kernels_gradcheck_float64(device):
+    x, g, d, doc = _inputs(1, 19, 2, 2, doc_rate=0.1, device=device)
+    assert torch.autograd.gradcheck(lambda x, g, d: _KernelScan.apply(x, g, d, doc), (x, g, d), fast_mode=True)
 
 
 def test_bad_arguments_are_rejected():
