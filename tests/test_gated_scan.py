@@ -228,3 +228,21 @@ def test_bad_arguments_are_rejected():
         kwargs = dict(x_BTC=x, log_gate_BTH=g, log_decay_BTH=d) | overrides
         with pytest.raises(ValueError, match=message):
             gated_key_scan(**kwargs)
+
+
+def test_benchmark_tiny_runs_and_reports():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mosaics_v2", "--tiny", "--parts", "scan", "--warmup", "1", "--repeats", "1"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "parity:" in out and "device:" in out and "byte floor" in out and "copy rate" in out
+    for name in ("ours (op)", "naive loop", "cumsum of logs", "chunked torch"):
+        assert f"| {name} |" in out, name
+    assert "speedup vs naive loop" in out and "speedup vs cumsum of logs" in out
+    assert "this CPU run claims none" in out and "goal: ours" not in out
