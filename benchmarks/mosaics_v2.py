@@ -92,7 +92,7 @@ def scan_floor_bytes(x: Tensor, log_gate: Tensor) -> int:
 def bench_scan(args: argparse.Namespace, device: torch.device) -> None:
     x_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     check_scan_parity(device, args.heads, args.dim)
-    rate = copy_bytes_per_s(device, 1 << 30 if device.type == "cuda" else 1 << 26)
+    rate = copy_bytes_per_s(device, 1 << 30 if device.type == "cuda" else 1 << 24)
     print(f"copy rate of this device (read + write): {rate / 1e9:.1f} GB/s")
     forms = scan_forms()
     for T in args.lengths:
