@@ -9,7 +9,7 @@ sets every parameter with the public implementation's initialization.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,8 @@ from lingua.args import ConfigError
 from lingua.distributed import ParallelPlan
 from lingua.mosaics.blocks import BlockState, FeatureKind, MemoryOptions, MosaicBlock
 from lingua.mosaics.leaky_average import MAX_CHUNK_SIZE, LeakyForm, LeakyImpl
-
-IGNORE_INDEX = -100  # target value that contributes no loss
+from lingua.mosaics.lm_base import MosaicsLMBase
+from lingua.mosaics.v2 import MosaicsV2Args
 
 
 @dataclass
@@ -51,8 +51,13 @@ class MosaicsArgs:
     norm_eps: float = 1e-5  # LayerNorm epsilon
     l2_eps: float = 1e-6  # epsilon of the key and value L2 normalizations
     skip_tokens: int = 0  # positions before this one carry no loss
+    version: int = 1  # 1: Memory Mosaics (leaky averages, persistent slots); 2: Memory Mosaics v2 (lingua/mosaics/v2.py)
+    v2: MosaicsV2Args = field(default_factory=MosaicsV2Args)  # the v2 model's own settings (model.version=2)
 
     def __post_init__(self) -> None:
+        if self.version not in (1, 2):
+            raise ConfigError(f"model.version={self.version} must be 1 or 2")
+        self._check_version_keys()
         positive = ("dim", "n_layers", "n_heads", "pmem_count", "pmem_size", "vocab_multiple")
         for key in positive:
             if getattr(self, key) < 1:
@@ -85,6 +90,17 @@ class MosaicsArgs:
         if self.norm_eps <= 0 or self.l2_eps <= 0:
             raise ConfigError("model.norm_eps and model.l2_eps must be positive")
 
+    def _check_version_keys(self) -> None:
+        """A key the chosen version does not read is refused rather than silently ignored."""
+        if self.version == 1:
+            if self.v2 != MosaicsV2Args():
+                raise ConfigError("model.v2 settings have no effect with model.version=1: set model.version=2 or drop them")
+            return
+        defaults = MosaicsArgs()
+        for key in (f.name for f in fields(self)):
+            if key in V1_ONLY_KEYS and getattr(self, key) != getattr(defaults, key):
+                raise ConfigError(f"model.{key} has no effect with model.version=2 (a v1 setting): drop it")
+
     def memory_options(self) -> MemoryOptions:
         return MemoryOptions(
             dim=self.dim, n_heads=self.n_heads, k_fe_type=self.k_fe_type, k_kernel_size=self.k_kernel_size,
@@ -95,7 +111,14 @@ class MosaicsArgs:
         )
 
 
-class MosaicsLM(nn.Module):
+V1_ONLY_KEYS = frozenset({
+    "k_fe_type", "k_kernel_size", "v_fe_type", "v_kernel_size", "v_shift", "ic_dropout", "hd_dropout", "bias",
+    "pmem_count", "pmem_size", "pre_ln", "attn_only", "weight_tying", "leaky_form", "leaky_impl",
+    "leaky_chunk_size", "kernel_beta_upbound",
+})  # the v1 model's keys; v2 reads seed, vocab_*, dim, n_layers, n_heads, norm_eps, l2_eps, skip_tokens, v2
+
+
+class MosaicsLM(MosaicsLMBase):
     """tokens (B, T) -> logits (B, T, V), or the mean cross-entropy when targets are given."""
 
     def __init__(self, args: MosaicsArgs) -> None:
@@ -127,21 +150,6 @@ class MosaicsLM(nn.Module):
         for layer in self.layers:
             h = layer(h)
         return self._head(h)
-
-    def token_losses(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        """Per-position fp32 cross-entropy (B, T); ignored targets and positions < skip_tokens give 0."""
-        logits = self.logits(tokens)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-        return losses.view(targets.shape)
-
-    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> Tensor:
-        if targets is None:
-            return self.logits(tokens)
-        if self.args.skip_tokens:
-            targets = targets.clone()
-            targets[:, : self.args.skip_tokens] = IGNORE_INDEX
-        logits = self.logits(tokens)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     # -- recurrent generation -------------------------------------------------------------------
 
