@@ -38,6 +38,8 @@ class ExtrapolationArgs:
         if not self.factors or any(f < 1 for f in self.factors) or len(set(self.factors)) != len(self.factors):
             raise ConfigError(f"extrapolation.factors={self.factors}: give distinct multiples >= 1, e.g. [1, 2, 4]")
         self.factors = sorted(self.factors)
+        if any(self.factors[-1] % f for f in self.factors):
+            raise ConfigError(f"extrapolation.factors={self.factors}: each must divide the largest, so every length reads the same tokens")
         for key in ("windows", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"extrapolation.{key}={getattr(self, key)} must be >= 1")

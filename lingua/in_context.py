@@ -66,7 +66,8 @@ def read_stories(path: str | Path) -> list[tuple[str, list[StoryQuestion]]]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             doc = json.loads(line)
-            story_id, _, k = doc["id"].rpartition("-")
+            story_id, _, index = doc["id"].rpartition("-")
+            k = int(index)
             ctx, endings, label = doc["ctx"], tuple(doc["endings"]), int(doc["label"])
             story, prompt = ctx[: ctx.index(STORY_END)], ctx[ctx.rindex("Q: ") :]
             if not story_id or not 0 <= label < len(endings) or not prompt.endswith(" A:"):
@@ -75,7 +76,7 @@ def read_stories(path: str | Path) -> list[tuple[str, list[StoryQuestion]]]:
             raise InputError(f"{path}:{number}: not a synthetic_mc doc (id '<story>-<k>', ctx ending in 'Q: ... A:', endings, label): {error}") from None
         if stories.setdefault(story_id, story) != story:
             raise InputError(f"{path}:{number}: story '{story_id}' differs from its earlier questions' story")
-        questions[story_id].append((int(k), StoryQuestion(prompt, endings, label)))
+        questions[story_id].append((k, StoryQuestion(prompt, endings, label)))
     return [(stories[s], [q for _, q in sorted(questions[s], key=lambda kq: kq[0])]) for s in stories]
 
 

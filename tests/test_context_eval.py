@@ -72,6 +72,8 @@ def test_every_length_reads_the_same_tokens(data_dir):
         extrapolation(unigram, data_args(data_dir, 16), ExtrapolationArgs(factors=[1, 4], windows=1000), torch.device("cpu"))
     with pytest.raises(ConfigError, match="extrapolation.factors"):
         ExtrapolationArgs(factors=[1, 1])
+    with pytest.raises(ConfigError, match="each must divide the largest"):
+        ExtrapolationArgs(factors=[2, 3])
 
 
 def test_longer_rope_tables_leave_the_trained_positions_unchanged():
@@ -105,6 +107,16 @@ def test_stories_and_shots_follow_the_task_file():
     assert (0, story + "\n\n" + questions[0].prompt, questions[0]) in items
     with pytest.raises(InputError, match="no story has 9 questions"):
         build_items(stories, InContextArgs(shots=[0, 8]))
+
+
+def test_a_malformed_task_file_is_one_error_naming_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = Path(InContextArgs().task_file).read_text().splitlines()[0]
+    bad.write_text(good + "\n" + json.dumps({"id": "7-x", "ctx": "story", "endings": ["a"], "label": 0}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:2: not a synthetic_mc doc"):
+        read_stories(bad)
+    with pytest.raises(InputError, match="does not exist"):
+        read_stories(tmp_path / "missing.jsonl")
 
 
 def test_in_context_accuracy_equals_direct_scoring():
@@ -164,9 +176,12 @@ def test_compare_trains_both_apps_and_writes_the_table(data_dir, tmp_path, monke
 
 def test_config_errors_name_the_problem(tmp_path):
     from apps.mosaics.compare import CompareArgs, CompareRun
+    from apps.mosaics.compare import main as compare_main
 
     with pytest.raises(ConfigError, match="exactly one of config"):
         CompareArgs(runs=[CompareRun(name="a", config="x.yaml", ckpt="y")])
+    with pytest.raises(InputError, match="holds no checkpoint"):
+        compare_main(CompareArgs(runs=[CompareRun(name="a", ckpt=str(tmp_path / "nothing"))]))
     with pytest.raises(ConfigError, match="distinct name"):
         CompareArgs(runs=[CompareRun(name="a", ckpt="x"), CompareRun(name="a", ckpt="y")])
     both = tmp_path / "empty.yaml"

@@ -19,7 +19,7 @@ from typing import Any
 
 from apps.main.eval import checkpoint_step_and_run
 from apps.mosaics.context_eval import RESULT_FILE, ContextEvalArgs, default_out_dir, evaluate
-from apps.registry import app_of_yaml
+from apps.registry import app_of_checkpoint, app_of_yaml
 from lingua.args import ConfigError, cli_main
 from lingua.checkpoint import step_dirs
 from lingua.extrapolation import plot_buckets
@@ -60,6 +60,7 @@ class CompareArgs:
 def _checkpoint_of(run: CompareRun, args: CompareArgs) -> tuple[str, Any]:
     """(checkpoint to evaluate, training config to run first or None), checked before any work."""
     if run.ckpt:
+        app_of_checkpoint(run.ckpt)  # exists, and belongs to an app
         return run.ckpt, None
     folder = Path(args.dump_dir) / run.name
     overrides = [*args.overrides, *run.overrides, f"dump_dir={folder}", f"name={run.name}"]
