@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-
 from apps.main import train as main_train
 from apps.mosaics import train as mosaics_train
 from lingua.args import ConfigError, InputError, config_from_dict, load_config
-from lingua.checkpoint import load_trained_model, resolve_checkpoint
+from lingua.checkpoint import resolve_checkpoint
 from lingua.tokenizer import Tokenizer
 
 
@@ -37,6 +36,7 @@ def _rope_tables_for(model_args: Any, length: int) -> dict[str, Any]:
 
 
 def _no_length_limit(model_args: Any, length: int) -> dict[str, Any]:
+    """Memory Mosaics have no positional encoding and no table to lengthen."""
     return {}
 
 
@@ -76,9 +76,3 @@ def app_of_checkpoint(ckpt: str) -> tuple[App, Any]:
         raise InputError(str(error)) from None
     data = json.loads(params.read_text())
     return app_of_config(lambda cls: config_from_dict(cls, data, source=str(params)), f"checkpoint '{ckpt}' ({params})")
-
-
-def load_for_length(ckpt: str, app: App, train_cfg: Any, length: int, device: str) -> Any:
-    """The trained model (eval mode), able to read `length` tokens (see App.longer_context)."""
-    model, _, _ = load_trained_model(ckpt, app.config_class, app.build, device, model_overrides=app.longer_context(train_cfg.model, length))
-    return model

@@ -147,10 +147,11 @@ def test_compare_trains_both_apps_and_writes_the_table(data_dir, tmp_path, monke
     shared = [f"data.root_dir={data_dir}", "steps=2", "data.seq_len=32", "data.batch_size=2", "data.load_async=false",
               "validation.every=0", "checkpoint.dump.every=2", "logging.freq=1"]
     committed = load_config(compare.CompareArgs, str(REPO / "apps/mosaics/configs/compare_debug.yaml"))
-    dense, v1 = committed.runs
-    assert (dense.name, v1.name) == ("dense", "v1") and "model.weight_tying=true" in dense.overrides
+    # Every committed run trains here at a tiny size: a run added to the config needs its line.
     tiny = {"dense": ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.weight_tying=true", "model.max_seqlen=32"],
             "v1": ["model.dim=32", "model.n_layers=1", "model.pmem_size=16"]}
+    assert [run.name for run in committed.runs] == list(tiny), "give each run of compare_debug.yaml tiny overrides here"
+    assert "model.weight_tying=true" in committed.runs[0].overrides
     evaluation = ContextEvalArgs(ExtrapolationArgs(windows=2), InContextArgs(shots=[0, 1], limit=1), device="cpu")
     args = dataclasses.replace(
         committed, dump_dir=str(tmp_path / "cmp"), overrides=shared, eval=evaluation,
@@ -158,7 +159,7 @@ def test_compare_trains_both_apps_and_writes_the_table(data_dir, tmp_path, monke
     )
     rows = compare.main(args)
     text = (tmp_path / "cmp" / "compare.md").read_text()
-    assert [row["name"] for row in rows] == ["dense", "v1"] and "| dense | main |" in text and "| v1 | mosaics |" in text
+    assert [row["name"] for row in rows] == list(tiny) and "| dense | main |" in text and "| v1 | mosaics |" in text
     dense = json.loads((tmp_path / "cmp" / "dense" / "context_eval" / "context_eval.json").read_text())
     longest = dense["in_context"]["longest_sequence"]  # a story and its questions: longer than 4 x 32
     assert dense["app"] == "main" and dense["train_seq_len"] == 32 and dense["length_overrides"] == {"max_seqlen": longest} and longest > 128

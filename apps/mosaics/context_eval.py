@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from apps.main.eval import model_logits_fn
-from apps.registry import app_of_checkpoint, load_for_length
+from apps.registry import app_of_checkpoint
 from lingua.args import cli_main
+from lingua.checkpoint import load_trained_model
 from lingua.extrapolation import ExtrapolationArgs, extrapolation, plot_buckets
 from lingua.in_context import InContextArgs, build_items, in_context_accuracy, plot_in_context, read_stories, sequence_lengths
 from lingua.tokenizer import build_tokenizer
@@ -73,7 +74,7 @@ def evaluate(ckpt: str, args: ContextEvalArgs, out_dir: Path) -> dict[str, Any]:
     overrides = app.longer_context(train_cfg.model, longest)
     if overrides:
         logger.info("%s model: %s for windows of %d tokens (trained on %d; no interpolation)", app.name, overrides, longest, train_len)
-    model = load_for_length(ckpt, app, train_cfg, longest, args.device)
+    model, _, _ = load_trained_model(ckpt, app.config_class, app.build, args.device, model_overrides=overrides)
     device = next(model.parameters()).device
     logits_fn = model_logits_fn(model, args.dtype)
     result: dict[str, Any] = {"ckpt": ckpt, "app": app.name, "train_seq_len": train_len, "length_overrides": overrides, **parameter_counts(model)}
