@@ -13,6 +13,7 @@ import argparse
 import base64
 import hashlib
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -320,17 +321,20 @@ def resolve_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
 
 
 def load_trained_model(
-    ckpt: str | Path, config_class: type, build: Callable[[Any, Tokenizer], torch.nn.Module], device: str = "auto"
+    ckpt: str | Path, config_class: type, build: Callable[[Any, Tokenizer], torch.nn.Module], device: str = "auto",
+    model_overrides: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, Tokenizer, Any]:
     """(model in eval mode on `device`, its tokenizer, its training config) from a checkpoint:
     the config from params.json, the model built by the app's `build(model_args, tokenizer)` on
-    the meta device, initialized (buffers not in the checkpoint) and loaded."""
+    the meta device, initialized (buffers not in the checkpoint) and loaded. `model_overrides`
+    replace model-config fields that shape no weight (e.g. a longer RoPE table for evaluation);
+    the returned config stays the training one."""
     weights, params = resolve_checkpoint(ckpt)
     cfg = config_from_dict(config_class, json.loads(params.read_text()), source=str(params))
     tokenizer = build_tokenizer(cfg.data.tokenizer.name, cfg.data.tokenizer.path, cfg.data.tokenizer.encoding)
     target = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     with torch.device("meta"):
-        model = build(cfg.model, tokenizer)
+        model = build(dataclasses.replace(cfg.model, **(model_overrides or {})), tokenizer)
     model = model.to_empty(device=target)
     model.init_weights()
     load_model_weights(weights, model)

@@ -1,7 +1,8 @@
 """Training curves of a run: `python -m lingua.plot <dump_dir>` writes loss, lr and throughput PNGs.
 
 Reads `<dump_dir>/metrics.jsonl`; when a run was resumed, the records written last for a step win
-(the resumed run's), so the curves show the run that produced the final model.
+(the resumed run's), so the curves show the run that produced the final model. `save_figure` ends
+the evaluation plots too (labels, grid, legend, file).
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ def latest_by_step(records: list[dict], key: str) -> tuple[list[int], list[float
             values[int(record["step"])] = float(record[key])
     steps = sorted(values)
     return steps, [values[s] for s in steps]
+
+
+def save_figure(figure: plt.Figure, axes: plt.Axes, path: Path, xlabel: str, ylabel: str, title: str = "") -> None:
+    """Label the axes, add a grid and the legend, write `path` (PNG) and close the figure."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    if title:
+        axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def plot_run(dump_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

@@ -5,9 +5,10 @@
     python -m apps.mosaics.eval ckpt=runs/mosaics_debug 'harness={tasks: [synthetic_mc, synthetic_qa]}'
 
 Loss by position is the in-context learning curve: the mean loss of the prediction made at each
-position of the packed validation windows. Writes eval.json and loss_by_position.png (matplotlib Agg).
+position of the packed validation windows (lingua.extrapolation; apps.mosaics.context_eval takes it
+to 2x and 4x the training length). Writes eval.json and loss_by_position.png (matplotlib Agg).
 With a `harness` section, lm-eval tasks run through the shared adapter (lingua.eval_harness) on
-`MosaicsLM.logits`, and their results go into eval.json too.
+the model's logits, and their results go into eval.json too.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from typing import Literal
 import numpy as np
 import torch
 
+from apps.main.eval import model_logits_fn
 from apps.mosaics.generate import load_model_and_tokenizer
 from lingua.args import ConfigError, cli_main
 from lingua.data import iter_validation_batches
 from lingua.eval_harness import HarnessArgs, LinguaLM, check_tasks_available, greedy_generate, harness_metrics, run_harness
+from lingua.extrapolation import position_losses
 from lingua.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,26 +54,8 @@ class EvalArgs:
             raise ConfigError(f"seq_len={self.seq_len} must be >= 2")
 
 
-def loss_by_position(model: torch.nn.Module, batches, device: torch.device, dtype: torch.dtype) -> tuple[np.ndarray, int]:
-    """(mean loss at each position (T,), windows seen) over batches [B, T, 2] of (input, target)."""
-    total, windows = None, 0
-    with torch.no_grad():
-        for batch in batches:
-            tokens = torch.from_numpy(batch).to(device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                losses = model.token_losses(tokens[..., 0], tokens[..., 1]).float()
-            total = losses.sum(dim=0) if total is None else total + losses.sum(dim=0)
-            windows += losses.shape[0]
-    if total is None:
-        raise ConfigError("no validation windows: check the val files (*.val.jsonl) of the sources and seq_len")
-    return (total / windows).cpu().numpy(), windows
-
-
 def plot_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lingua.plot import plt, save_figure
 
     figure, axes = plt.subplots(figsize=(7, 4))
     for name, curve in curves.items():
@@ -78,24 +63,12 @@ def plot_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
         smooth = np.convolve(curve, np.ones(width) / width, mode="valid")
         line = axes.plot(np.arange(len(curve)), curve, alpha=0.3)[0]
         axes.plot(np.arange(len(smooth)) + (width - 1) / 2, smooth, color=line.get_color(), label=f"{name} (mean of {width})")
-    axes.set_xlabel("token position in the window")
-    axes.set_ylabel("validation loss")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, axes, path, "token position in the window", "validation loss", title)
 
 
-def _harness_model(model: torch.nn.Module, tokenizer: Tokenizer, args: EvalArgs, device: torch.device, dtype: torch.dtype) -> LinguaLM:
+def _harness_model(model: torch.nn.Module, tokenizer: Tokenizer, args: EvalArgs, device: torch.device) -> LinguaLM:
     """The lm-eval adapter over the model's logits (right-padded batches keep leaky states exact)."""
-
-    @torch.no_grad()
-    def logits(tokens: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return model.logits(tokens)
-
+    logits = model_logits_fn(model, args.dtype)
     generate = greedy_generate(logits, tokenizer, args.max_length, device, seed=args.harness.seed)
     return LinguaLM(tokenizer, logits, args.max_length, device, generate, args.harness.batch_size, args.harness.max_gen_toks)
 
@@ -106,20 +79,19 @@ def main(args: EvalArgs) -> dict:
         check_tasks_available(args.harness)  # before loading anything: hub tasks offline fail at once
     model, tokenizer, cfg = load_model_and_tokenizer(args.ckpt, args.device)
     device = next(model.parameters()).device
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     data = replace(cfg.data, root_dir=args.root_dir or cfg.data.root_dir, seq_len=args.seq_len or cfg.data.seq_len)
     sources = args.sources if args.sources is not None else sorted(cfg.data.sources)
     max_batches = args.max_batches if args.max_batches > 0 else None
     curves, result = {}, {"ckpt": args.ckpt, "seq_len": data.seq_len, "sources": {}}
     for source in sources:
         batches = iter_validation_batches(data, source, args.batch_size, max_batches)
-        curve, windows = loss_by_position(model, batches, device, dtype)
+        curve, windows = position_losses(model_logits_fn(model, args.dtype), batches, device)
         curves[source] = curve
         result["sources"][source] = {"loss": float(curve.mean()), "windows": windows, "loss_by_position": curve.tolist()}
         logger.info("%s: val loss %.4f over %d windows (first position %.3f, last %.3f)", source, curve.mean(), windows, curve[0], curve[-1])
     result["val_loss"] = float(np.mean([s["loss"] for s in result["sources"].values()]))
     if args.harness is not None:
-        result["harness"] = harness_metrics(run_harness(_harness_model(model, tokenizer, args, device, dtype), args.harness))
+        result["harness"] = harness_metrics(run_harness(_harness_model(model, tokenizer, args, device), args.harness))
         logger.info("harness: %s", " ".join(f"{k}={v:.4f}" for k, v in result["harness"].items()))
     out = Path(args.out_dir) if args.out_dir else Path(args.ckpt) / "eval"
     out.mkdir(parents=True, exist_ok=True)
