@@ -16,7 +16,7 @@ from lingua.mosaics.model import MosaicsArgs, MosaicsLM
 from lingua.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "apps" / "mosaics" / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (REPO / "apps" / "mosaics" / "configs").glob("*.yaml") if not p.name.startswith("compare_"))  # compare_*: apps.mosaics.compare configs
 VARIANTS = {
     "default": {},
     "post_ln": {"pre_ln": False},
