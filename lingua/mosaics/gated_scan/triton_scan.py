@@ -26,7 +26,7 @@ def _interpreted() -> bool:
 
 @triton.jit
 def _chunk(
-    x_ptr, g_ptr, d_ptr, doc_ptr, b, h, n, T, eps, H: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+    x_ptr, g_ptr, d_ptr, doc_ptr, b, h, n, T, H: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
     HAS_DOC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
 ):
     """Load chunk n of head h and its log weights: (offs, mask, in_t, x, W, restart, b_cum), with
@@ -86,7 +86,7 @@ def _gated_fwd_kernel(
     s_prev = tl.zeros([BD], dtype=ACC)
     for n in range(0, NT):
         offs, mask, in_t, x, W, restart, b_cum = _chunk(
-            x_ptr, g_ptr, d_ptr, doc_ptr, b, h, n, T, eps, H, C, D, HAS_DOC, BT, BD, ACC
+            x_ptr, g_ptr, d_ptr, doc_ptr, b, h, n, T, H, C, D, HAS_DOC, BT, BD, ACC
         )
         tl.store(m_states_ptr + state_row + n, m_prev)
         tl.store(s_states_ptr + (state_row + n) * D + cols, s_prev, mask=cols < D)
@@ -116,7 +116,7 @@ def _gated_bwd_kernel(
     for k in range(0, NT):
         n = NT - 1 - k
         offs, mask, in_t, x, W, restart, b_cum = _chunk(
-            x_ptr, g_ptr, d_ptr, doc_ptr, b, h, n, T, eps, H, C, D, HAS_DOC, BT, BD, ACC
+            x_ptr, g_ptr, d_ptr, doc_ptr, b, h, n, T, H, C, D, HAS_DOC, BT, BD, ACC
         )
         dk = tl.load(dk_ptr + offs, mask=mask, other=0.0).to(ACC)  # [BT, BD]
         m_prev = tl.load(m_states_ptr + state_row + n)
