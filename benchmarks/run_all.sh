@@ -5,7 +5,8 @@
 #   bash benchmarks/run_all.sh LOG_DIR pk_bag zero_copy     # some of them
 #
 # Names: kernels (the kernel and zero-copy tests on the GPU: compiled kernels against their torch
-# references), pk_bag, zero_copy (with --big), leaky_average, mosaics_step, dense_step, pk_model.
+# references), pk_bag, zero_copy (with --big), leaky_average, mosaics_step, dense_step, pk_model,
+# mosaics_v2.
 # LOG_DIR/NAME.log holds each one's output, LOG_DIR/device.txt the GPU and versions, and
 # LOG_DIR/summary.txt one line per name: ok, failed (exit status) or timed out.
 # BENCH_TIMEOUT bounds each one (seconds, default 540); BENCH_ARGS is appended to every benchmark's
@@ -20,7 +21,7 @@ fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 log_dir=$1
 shift
-all=(kernels pk_bag zero_copy leaky_average mosaics_step dense_step pk_model)
+all=(kernels pk_bag zero_copy leaky_average mosaics_step dense_step pk_model mosaics_v2)
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${all[@]}")
 for name in "${names[@]}"; do
@@ -40,7 +41,7 @@ export PYTHONUNBUFFERED=1
 
 command_for() {
   case $1 in
-    kernels) echo "$python_bin -m pytest -q -p no:cacheprovider tests/test_embedding_bag.py tests/test_leaky_average.py tests/test_zero_copy.py" ;;
+    kernels) echo "$python_bin -m pytest -q -p no:cacheprovider tests/test_embedding_bag.py tests/test_leaky_average.py tests/test_gated_scan.py tests/test_zero_copy.py" ;;
     zero_copy) echo "$python_bin -m benchmarks.zero_copy --big ${BENCH_ARGS:-}" ;;
     *) echo "$python_bin -m benchmarks.$1 ${BENCH_ARGS:-}" ;;
   esac

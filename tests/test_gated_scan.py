@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lingua.mosaics.gated_scan import gated_key_scan, gated_key_scan_naive, gated_key_scan_op
+from lingua.mosaics.gated_scan.triton_scan import scan_bwd, scan_fwd
 
 # Max error relative to the reference's largest magnitude, per dtype of the compared computation.
 TOLERANCE = {
@@ -33,20 +34,30 @@ def _inputs(B, T, H, D, seed=0, gate_scale=3.0, decay_scale=1.0, doc_rate=0.05, 
     return (*tensors, doc_start.to(device))
 
 
-def _grads(y, inputs, seed=1):
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype).to(y.device)
-    return torch.autograd.grad(y, inputs, g)
-
-
-def _check_against_naive(impl, inputs, dtype=torch.float64, chunk_size=16, eps=1e-6):
+def _reference(inputs, eps=1e-6, with_docs=True):
+    """The naive loop's keys, the output gradient fed to every form, and the three input gradients."""
     x, g, d, doc = inputs
-    ref = gated_key_scan_naive(x, g, d, doc, eps)
+    ref = gated_key_scan_naive(x, g, d, doc if with_docs else None, eps)
+    dk = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype).to(ref.device)
+    return ref, dk, torch.autograd.grad(ref, (x, g, d), dk)
+
+
+def _check_against_naive(impl, inputs, dtype=torch.float64, chunk_size=16, eps=1e-6, reference=None):
+    x, g, d, doc = inputs
+    ref, dk, ref_grads = reference or _reference(inputs, eps)
     cast = [t.detach().to(dtype).requires_grad_() for t in (x, g, d)]
     y = gated_key_scan(*cast, doc, eps=eps, impl=impl, chunk_size=chunk_size)
     assert y.dtype == dtype
     _close(y, ref, dtype)
-    for got, want in zip(_grads(y.double(), cast), _grads(ref, (x, g, d))):
+    for got, want in zip(torch.autograd.grad(y, cast, dk.to(dtype)), ref_grads):
         _close(got, want, dtype)
+
+
+@pytest.fixture(scope="module")
+def long_case():
+    """T = 4096 at tiny B, H, D, and its naive reference (computed once: the loop is the slow part)."""
+    inputs = _inputs(1, 4096, 1, 2, doc_rate=0.002)
+    return inputs, _reference(inputs)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "op"])
@@ -56,8 +67,9 @@ def test_torch_forms_match_naive_float64(impl, shape):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "op"])
-def test_long_sequence_matches_naive(impl):
-    _check_against_naive(impl, _inputs(1, 4096, 1, 2, doc_rate=0.002), chunk_size=64)
+def test_long_sequence_matches_naive(impl, long_case):
+    inputs, reference = long_case
+    _check_against_naive(impl, inputs, chunk_size=64, reference=reference)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "op"])
@@ -112,17 +124,17 @@ def test_keys_under_eps_match_naive(impl):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "op"])
-def test_gradcheck_float64(impl):
-    x, g, d, doc = _inputs(1, 19, 2, 2, doc_rate=0.1)
+def test_gradcheck_float64(impl, device):
+    """Full Jacobians for the op's explicit backward; a random projection for torch autograd's."""
+    x, g, d, doc = _inputs(1, 19, 2, 2, doc_rate=0.1, device=device)
     assert torch.autograd.gradcheck(
-        lambda x, g, d: gated_key_scan(x, g, d, doc, impl=impl, chunk_size=16), (x, g, d)
+        lambda x, g, d: gated_key_scan(x, g, d, doc, impl=impl, chunk_size=16), (x, g, d), fast_mode=impl == "chunked"
     )
 
 
-def test_op_opcheck():
-    x, g, d, doc = _inputs(1, 21, 2, 3, doc_rate=0.1)
+def test_op_opcheck(device):
+    x, g, d, doc = _inputs(1, 21, 2, 3, doc_rate=0.1, device=device)
     torch.library.opcheck(gated_key_scan_op, (x, g, d, doc, 1e-6, 16))
-    torch.library.opcheck(gated_key_scan_op, (x, g, d, None, 1e-6, 16))
 
 
 @pytest.mark.parametrize("impl", ["chunked", "op"])
@@ -130,19 +142,85 @@ def test_bf16_inputs_accumulate_in_fp32(impl):
     _check_against_naive(impl, _inputs(2, 40, 2, 8), dtype=torch.bfloat16)
 
 
-def test_op_compiles_without_graph_breaks():
-    x, g, d, doc = (t.detach().float() if t.is_floating_point() else t for t in _inputs(2, 37, 2, 4))
+def test_op_compiles_without_graph_breaks(device):
+    x, g, d, doc = (t.detach().float() if t.is_floating_point() else t for t in _inputs(2, 37, 2, 4, device=device))
 
     def f(x, w):
         keys = gated_key_scan(torch.sin(x), x[..., :2] * w, -(x[..., 2:4] * w).abs(), doc, chunk_size=16)
         return keys.square().mean() + keys[..., 0].sum()
 
-    w = torch.tensor(0.7, requires_grad=True)
+    w = torch.tensor(0.7, device=device, requires_grad=True)
     x.requires_grad_()
     eager = torch.autograd.grad(f(x, w), (x, w))
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w), (x, w))
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _check_kernels(inputs, dtype=torch.float32, chunk_size=16, eps=1e-6, with_docs=True, reference=None):
+    """scan_fwd / scan_bwd into NaN-filled outputs against the naive loop, random output gradients."""
+    x, g, d, doc = inputs
+    doc = doc if with_docs else None
+    ref, dk, ref_grads = reference or _reference(inputs, eps, with_docs)
+    cast = [t.detach().to(dtype) for t in (x, g, d)]
+    keys, m_states, s_states = scan_fwd(*cast, doc, eps, chunk_size, fill_nan=True)
+    assert keys.dtype == dtype and not m_states.isnan().any() and not s_states.isnan().any()
+    _close(keys, ref, dtype)
+    grads = scan_bwd(dk.to(dtype), *cast, doc, m_states, s_states, eps, chunk_size, fill_nan=True)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 2, 3, 16), (2, 7, 3, 5, 16), (2, 64, 2, 4, 16), (1, 300, 2, 6, 32)], ids=str)
+def test_triton_kernels_match_naive(shape, device):
+    B, T, H, D, chunk_size = shape
+    _check_kernels(_inputs(B, T, H, D, device=device), chunk_size=chunk_size)
+
+
+def test_triton_kernels_long_sequence(long_case, device):
+    inputs, (ref, dk, ref_grads) = long_case
+    inputs = [t.detach().to(device) for t in inputs]
+    reference = (ref.to(device), dk.to(device), [grad.to(device) for grad in ref_grads])
+    _check_kernels(inputs, chunk_size=64, reference=reference)
+
+
+@pytest.mark.parametrize(
+    "gate_scale,decay_scale", [(80.0, 1.0), (1000.0, 1.0), (3.0, 50.0), (3.0, 1e-7)],
+    ids=["gates 80", "gates 1000", "decays near 0", "decays near 1"],
+)
+def test_triton_kernels_extreme_gates(gate_scale, decay_scale, device):
+    _check_kernels(_inputs(2, 45, 2, 4, gate_scale=gate_scale, decay_scale=decay_scale, device=device))
+
+
+def test_triton_kernels_without_documents_and_under_eps(device):
+    _check_kernels(_inputs(2, 37, 2, 4, device=device), with_docs=False)
+    x, g, d, doc = _inputs(2, 37, 2, 4, device=device)
+    _check_kernels(((x.detach() * 1e-9).requires_grad_(), g, d, doc), dtype=torch.float64)
+
+
+def test_triton_kernels_bf16_inputs(device):
+    _check_kernels(_inputs(2, 40, 2, 8, device=device), dtype=torch.bfloat16)
+
+
+class _KernelScan(torch.autograd.Function):
+    """The two launchers as one differentiable function, to gradcheck the kernels on any device."""
+
+    @staticmethod
+    def forward(ctx, x, g, d, doc):
+        keys, m_states, s_states = scan_fwd(x, g, d, doc, 1e-6, 16)
+        ctx.save_for_backward(x, g, d, doc, m_states, s_states)
+        return keys
+
+    @staticmethod
+    def backward(ctx, dk):
+        x, g, d, doc, m_states, s_states = ctx.saved_tensors
+        return (*scan_bwd(dk, x, g, d, doc, m_states, s_states, 1e-6, 16), None)
+
+
+def test_triton_kernels_gradcheck_float64(device):
+    x, g, d, doc = _inputs(1, 19, 2, 2, doc_rate=0.1, device=device)
+    assert torch.autograd.gradcheck(lambda x, g, d: _KernelScan.apply(x, g, d, doc), (x, g, d), fast_mode=True)
 
 
 def test_bad_arguments_are_rejected():
@@ -163,3 +241,21 @@ def test_bad_arguments_are_rejected():
         kwargs = dict(x_BTC=x, log_gate_BTH=g, log_decay_BTH=d) | overrides
         with pytest.raises(ValueError, match=message):
             gated_key_scan(**kwargs)
+
+
+def test_benchmark_tiny_runs_and_reports():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mosaics_v2", "--tiny", "--parts", "scan", "--warmup", "1", "--repeats", "1"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "parity:" in out and "device:" in out and "byte floor" in out and "copy rate" in out
+    for name in ("ours (op)", "naive loop", "cumsum of logs", "chunked torch"):
+        assert f"| {name} |" in out, name
+    assert "speedup vs naive loop" in out and "speedup vs cumsum of logs" in out
+    assert "this CPU run claims none" in out and "goal: ours" not in out

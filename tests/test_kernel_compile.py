@@ -30,6 +30,7 @@ def _cases():
     """(label, kernel, signature of runtime args, constexprs), the constexprs from the launchers."""
     import torch
 
+    from lingua.mosaics.gated_scan.chunked import acc_dtype
     from lingua.mosaics.leaky_average import triton_scan
     from lingua.product_key.embedding_bag import triton_bag
     from lingua.product_key.zero_copy import kernels as zero_copy
@@ -110,6 +111,30 @@ def _cases():
                 },
                 {**common, "NCB": cfg["NCB"]},
             )
+    from lingua.mosaics.gated_scan import MAX_CHUNK_SIZE, triton_scan as gated_scan
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.empty(1, 1, 2048, dtype=dtype, device="meta")  # v2 small: 16 heads of 128
+        cfg = gated_scan.launch_config(x, n_heads=16, chunk_size=MAX_CHUNK_SIZE)
+        x_t, a = triton_type[dtype], triton_type[acc_dtype(dtype)]
+        inputs = {"x_ptr": f"*{x_t}", "g_ptr": f"*{x_t}", "d_ptr": f"*{x_t}", "doc_ptr": "*u8"}
+        scalars = {"T": "i32", "NT": "i32", "eps": "fp32"}
+        for has_doc in (True, False) if dtype == torch.bfloat16 else (True,):  # bf16: what training runs
+            yield (
+                f"gated key scan forward {x_t} documents={has_doc}",
+                gated_scan._gated_fwd_kernel,
+                {**inputs, "k_ptr": f"*{x_t}", "m_states_ptr": f"*{a}", "s_states_ptr": f"*{a}", **scalars},
+                {**cfg, "HAS_DOC": has_doc},
+            )
+            yield (
+                f"gated key scan backward {x_t} documents={has_doc}",
+                gated_scan._gated_bwd_kernel,
+                {
+                    "dk_ptr": f"*{x_t}", **inputs, "m_states_ptr": f"*{a}", "s_states_ptr": f"*{a}",
+                    "dx_ptr": f"*{x_t}", "dg_ptr": f"*{x_t}", "dd_ptr": f"*{x_t}", **scalars,
+                },
+                {**cfg, "HAS_DOC": has_doc},
+            )
 
 
 def compile_all() -> None:
@@ -120,10 +145,12 @@ def compile_all() -> None:
     for arch in SHARED_MEMORY_BYTES:
         target = GPUTarget("cuda", arch, 32)
         for label, kernel, runtime_args, constexprs in _cases():
+            constexprs = dict(constexprs)
+            options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages") if key in constexprs}  # launch options
             signature = {name: "constexpr" if name in constexprs else runtime_args[name] for name in kernel.arg_names}
             report = {"kernel": label, "arch": arch}
             try:
-                compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target)
+                compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
                 report.update(ok=True, shared=compiled.metadata.shared)
             except Exception as error:  # noqa: BLE001 - reported, and the test fails on it
                 report.update(ok=False, error=f"{type(error).__name__}: {error}"[:4000])

@@ -53,7 +53,7 @@ def _split_scalars(v_BTH: Tensor, L: int, dtype: torch.dtype) -> Tensor:
     return _pad_time(v_BTH.to(dtype), N * L).view(B, N, L, H).permute(0, 3, 1, 2)
 
 
-def restarts(doc_start_BT: Tensor | None, B: int, T: int, L: int, device: torch.device) -> Tensor:
+def _restarts(doc_start_BT: Tensor | None, B: int, T: int, L: int, device: torch.device) -> Tensor:
     """(B, 1, N, L) bool: True where the state starts empty (every document start, and t = 0);
     False on the padding after T."""
     starts_BT = torch.zeros(B, T, dtype=torch.bool, device=device) if doc_start_BT is None else doc_start_BT.clone()
@@ -72,7 +72,7 @@ def _merge_scalars(v_BHNL: Tensor, T: int) -> Tensor:
     return v_BHNL.permute(0, 2, 3, 1).reshape(B, N * L, H)[:, :T]
 
 
-def chunk_log_weights(
+def _chunk_log_weights(
     log_gate_BHNL: Tensor, log_decay_BHNL: Tensor, starts_B1NL: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(b, W, carry_ok): b (B, H, N, L) the cumulative log decay from each chunk's first step;
@@ -99,8 +99,8 @@ def _scan(
     H = log_gate_BTH.shape[-1]
     dtype = acc_dtype(x_BTC.dtype)
     x_BHNLD = _split_features(x_BTC, H, L, dtype)
-    starts_B1NL = restarts(doc_start_BT, B, T, L, x_BTC.device)
-    b_BHNL, W_BHNLL, carry_ok_B1NL = chunk_log_weights(
+    starts_B1NL = _restarts(doc_start_BT, B, T, L, x_BTC.device)
+    b_BHNL, W_BHNLL, carry_ok_B1NL = _chunk_log_weights(
         _split_scalars(log_gate_BTH, L, dtype), _split_scalars(log_decay_BTH, L, dtype), starts_B1NL
     )
     # Inside each chunk relative to its own largest weight; the carry is folded in chunk by chunk.
@@ -174,8 +174,8 @@ def scan_backward(
     dtype = acc_dtype(x_BTC.dtype)
     x_BHNLD = _split_features(x_BTC, H, L, dtype)
     dk_BHNLD = _split_features(grad_BTC, H, L, dtype)
-    starts_B1NL = restarts(doc_start_BT, B, T, L, x_BTC.device)
-    b_BHNL, W_BHNLL, carry_ok_B1NL = chunk_log_weights(
+    starts_B1NL = _restarts(doc_start_BT, B, T, L, x_BTC.device)
+    b_BHNL, W_BHNLL, carry_ok_B1NL = _chunk_log_weights(
         _split_scalars(log_gate_BTH, L, dtype), _split_scalars(log_decay_BTH, L, dtype), starts_B1NL
     )
     m_prev_BHN, s_prev_BHND = m_states_BHN.to(dtype), s_states_BHND.to(dtype)
