@@ -23,9 +23,9 @@ FeatureKind = Literal["linearconv", "lowrlinearconv"]
 
 
 def l2_normalize(x: Tensor, eps: float) -> Tensor:
-    """x / (||x|| + eps) over the last dimension, the norm taken in fp32."""
-    norm = torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)
-    return (x.float() / (norm + eps)).to(x.dtype)
+    """x / (||x|| + eps) over the last dimension, the norm taken in fp32 (fp64 for fp64 inputs)."""
+    acc = x.to(acc_dtype(x.dtype))
+    return (acc / (torch.linalg.vector_norm(acc, dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def time_shift(x_BTC: Tensor, offset: int) -> Tensor:

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from lingua.mosaics.blocks import l2_normalize, merge_heads, split_heads, time_shift
+from lingua.mosaics.gated_scan import GatedImpl, gated_key_scan, gated_key_step, unit_key
 from lingua.mosaics.leaky_average.chunked import acc_dtype
-from lingua.mosaics.gated_scan import gated_key_scan_naive, gated_key_step, unit_key
 from lingua.transformer import trunc_normal_
 
 MemoryKind = Literal["short", "long"]
@@ -171,9 +171,10 @@ class ContextualMemory(nn.Module):
     alpha_psi normalize(gamma W_psi x_t + (1 - gamma) W_psi x_{t+1}), the adaptive bandwidth as a
     per-row query scale. W_phi, W_psi, W_g, W_lambda form one projection C -> 2C + 2H."""
 
-    def __init__(self, kind: MemoryKind, dim: int, n_heads: int, l2_eps: float) -> None:
+    def __init__(self, kind: MemoryKind, dim: int, n_heads: int, l2_eps: float, scan_impl: GatedImpl, scan_chunk_size: int) -> None:
         super().__init__()
         self.kind, self.dim, self.n_heads, self.l2_eps = kind, dim, n_heads, l2_eps
+        self.scan_impl, self.scan_chunk_size = scan_impl, scan_chunk_size
         self.proj = nn.Linear(dim, 2 * dim + 2 * n_heads, bias=False)
         self.value_mix = nn.Parameter(torch.empty(n_heads))  # gamma
         self.value_log_scale = nn.Parameter(torch.empty(n_heads))  # theta of alpha_psi
@@ -189,17 +190,19 @@ class ContextualMemory(nn.Module):
         """(B, H, T, D) values from the value features of each position and of the next one."""
         mix = self.value_mix.to(features_BTC.dtype)[:, None, None]
         mixed = mix * split_heads(features_BTC, self.n_heads) + (1 - mix) * split_heads(next_features_BTC, self.n_heads)
-        scale = torch.exp(self.value_log_scale.abs().clamp(max=VALUE_LOG_SCALE_CAP)).to(mixed.dtype)
+        theta = self.value_log_scale
+        # |theta| with slope +1 at 0 (torch's abs has slope 0 there: theta = 0 at init would never move)
+        magnitude = torch.where(theta >= 0, theta, -theta)
+        scale = torch.exp(magnitude.clamp(max=VALUE_LOG_SCALE_CAP)).to(mixed.dtype)
         return scale[:, None, None] * l2_normalize(mixed, self.l2_eps)
 
     def forward(self, x_BTC: Tensor, view: MemoryView, context: ContextBatch) -> Tensor:
         """(B, T, C) normalised block input -> (B, T, C) memory output (heads merged)."""
         key_features, value_features, log_gate, log_decay = self._features(x_BTC)
-        acc = acc_dtype(x_BTC.dtype)
-        keys = gated_key_scan_naive(
-            key_features.to(acc), log_gate.to(acc), log_decay.to(acc), context.doc_start_BT, self.l2_eps
-        )
-        k = split_heads(keys.to(x_BTC.dtype), self.n_heads)
+        keys = gated_key_scan(
+            key_features, log_gate, log_decay, context.doc_start_BT, self.l2_eps, self.scan_impl, self.scan_chunk_size
+        )  # fp32 accumulation inside, keys in the features' dtype
+        k = split_heads(keys, self.n_heads)
         v = self._values(value_features, time_shift(value_features, 1))
         beta = self.bandwidth(view.n_BT).to(k.dtype).transpose(1, 2)[..., None]  # (B, H, T, 1)
         y = context.attend(beta * k, k, v, view.mask)

@@ -31,6 +31,7 @@ from lingua.mosaics.contextual import (
     sdpa_read,
     visible_count,
 )
+from lingua.mosaics.gated_scan import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, GatedImpl
 from lingua.mosaics.lm_base import MosaicsLMBase
 from lingua.transformer import FeedForward, RMSNorm, document_ids, positions_in_documents, trunc_normal_
 
@@ -48,6 +49,8 @@ class MosaicsV2Args:
     long_offset_min: int = 64  # m in training is drawn uniformly from [min, max] at every forward
     long_offset_max: int = 256
     long_offset_eval: int = 64  # m at evaluation and generation: long-term memory reads pairs .. t-m
+    key_scan_impl: GatedImpl = "op"  # gated key scan: op (custom op: Triton on GPU), chunked (torch), naive (loop)
+    key_scan_chunk_size: int = 64  # time steps per chunk of the scan (op: a power of two from 16 to 64)
 
     def __post_init__(self) -> None:
         if self.ffn_dim != -1 and self.ffn_dim < 1:
@@ -61,6 +64,12 @@ class MosaicsV2Args:
             )
         if self.long_offset_eval < 1:
             raise ConfigError(f"model.v2.long_offset_eval={self.long_offset_eval} must be >= 1")
+        chunk = self.key_scan_chunk_size
+        if chunk < 1 or (self.key_scan_impl == "op" and (chunk < MIN_CHUNK_SIZE or chunk > MAX_CHUNK_SIZE or chunk & (chunk - 1))):
+            raise ConfigError(
+                f"model.v2.key_scan_chunk_size={chunk}: key_scan_impl={self.key_scan_impl} needs a power of two "
+                f"from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} (op) or any positive size (chunked)"
+            )
 
     def resolved_ffn_dim(self, dim: int) -> int:
         return 3 * dim if self.ffn_dim == -1 else self.ffn_dim
@@ -79,8 +88,9 @@ class MosaicsV2Block(nn.Module):
         v2, C = args.v2, args.dim
         self.layer_id = layer_id
         self.memory_norm = RMSNorm(C, args.norm_eps)
-        self.short = ContextualMemory("short", C, args.n_heads, args.l2_eps)
-        self.long = ContextualMemory("long", C, args.n_heads, args.l2_eps) if v2.long_term else None
+        scan = (v2.key_scan_impl, v2.key_scan_chunk_size)
+        self.short = ContextualMemory("short", C, args.n_heads, args.l2_eps, *scan)
+        self.long = ContextualMemory("long", C, args.n_heads, args.l2_eps, *scan) if v2.long_term else None
         self.memory_out = nn.Linear(C * (2 if v2.long_term else 1), C, bias=False)  # W_o
         self.ffn_norm = RMSNorm(C, args.norm_eps)
         hidden = v2.resolved_ffn_dim(C)
