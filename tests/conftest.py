@@ -18,3 +18,10 @@ if not torch.cuda.is_available():
 def device() -> torch.device:
     """Where kernel tests run: the GPU when there is one (compiled kernels), else the CPU (interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def compile_backend(device) -> str:
+    """torch.compile backend for graph-break tests: inductor on the GPU; on the CPU aot_eager, which
+    traces the same graph (fullgraph, with autograd) without building C++ kernels."""
+    return "inductor" if device.type == "cuda" else "aot_eager"

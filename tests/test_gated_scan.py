@@ -142,7 +142,7 @@ def test_bf16_inputs_accumulate_in_fp32(impl):
     _check_against_naive(impl, _inputs(2, 40, 2, 8), dtype=torch.bfloat16)
 
 
-def test_op_compiles_without_graph_breaks(device):
+def test_op_compiles_without_graph_breaks(device, compile_backend):
     x, g, d, doc = (t.detach().float() if t.is_floating_point() else t for t in _inputs(2, 37, 2, 4, device=device))
 
     def f(x, w):
@@ -152,7 +152,7 @@ def test_op_compiles_without_graph_breaks(device):
     w = torch.tensor(0.7, device=device, requires_grad=True)
     x.requires_grad_()
     eager = torch.autograd.grad(f(x, w), (x, w))
-    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w), (x, w))
+    compiled = torch.autograd.grad(torch.compile(f, backend=compile_backend, fullgraph=True)(x, w), (x, w))
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

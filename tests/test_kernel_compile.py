@@ -6,9 +6,9 @@ shapes, dtype mixes in loops, constexpr misuse), so the value tests alone do not
 builds. This test compiles each kernel ahead of time with Triton's own NVIDIA toolchain (ptxas
 ships with Triton); no GPU is needed. The test runs this file in a subprocess without
 TRITON_INTERPRET (kernels defined under the interpreter cannot be compiled); `compile_all()`
-prints one JSON line per kernel.
+prints one JSON line per kernel. The test splits the cases over one compiler process per core.
 
-    python tests/test_kernel_compile.py          # the same report by hand
+    python tests/test_kernel_compile.py          # the same report by hand (all cases, one process)
 """
 
 from __future__ import annotations
@@ -137,24 +137,25 @@ def _cases():
             )
 
 
-def compile_all() -> None:
+def compile_all(shard: int = 0, n_shards: int = 1) -> None:
+    """Compile every `n_shards`-th (arch, case) pair starting at `shard`; one JSON line each."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for arch in SHARED_MEMORY_BYTES:
+    jobs = [(arch, case) for arch in SHARED_MEMORY_BYTES for case in _cases()]
+    for arch, (label, kernel, runtime_args, constexprs) in jobs[shard::n_shards]:
         target = GPUTarget("cuda", arch, 32)
-        for label, kernel, runtime_args, constexprs in _cases():
-            constexprs = dict(constexprs)
-            options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages") if key in constexprs}  # launch options
-            signature = {name: "constexpr" if name in constexprs else runtime_args[name] for name in kernel.arg_names}
-            report = {"kernel": label, "arch": arch}
-            try:
-                compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
-                report.update(ok=True, shared=compiled.metadata.shared)
-            except Exception as error:  # noqa: BLE001 - reported, and the test fails on it
-                report.update(ok=False, error=f"{type(error).__name__}: {error}"[:4000])
-            print(json.dumps(report), flush=True)
+        constexprs = dict(constexprs)
+        options = {key: constexprs.pop(key) for key in ("num_warps", "num_stages") if key in constexprs}  # launch options
+        signature = {name: "constexpr" if name in constexprs else runtime_args[name] for name in kernel.arg_names}
+        report = {"kernel": label, "arch": arch}
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
+            report.update(ok=True, shared=compiled.metadata.shared)
+        except Exception as error:  # noqa: BLE001 - reported, and the test fails on it
+            report.update(ok=False, error=f"{type(error).__name__}: {error}"[:4000])
+        print(json.dumps(report), flush=True)
 
 
 def _nvidia_toolchain_present() -> bool:
@@ -169,12 +170,21 @@ def test_every_kernel_compiles_for_hopper_and_ampere() -> None:
     if not _nvidia_toolchain_present():
         pytest.skip("this Triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == len(SHARED_MEMORY_BYTES) * len(list(_cases())), result.stdout  # every case reported
+    n_shards = max(1, min(4, os.cpu_count() or 1))  # ptxas is single-threaded: one compiler process per core
+    shards = [
+        subprocess.Popen([sys.executable, __file__, str(shard), str(n_shards)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for shard in range(n_shards)
+    ]
+    reports = []
+    try:
+        for shard in shards:
+            stdout, stderr = shard.communicate(timeout=600)
+            assert shard.returncode == 0, stderr[-4000:]
+            reports += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    finally:
+        for shard in shards:
+            shard.kill()
+    assert len(reports) == len(SHARED_MEMORY_BYTES) * len(list(_cases())), reports  # every case reported
     failed = [r for r in reports if not r["ok"]]
     assert not failed, "\n".join(f"sm_{r['arch']} {r['kernel']}: {r['error']}" for r in failed)
     too_big = [r for r in reports if r["shared"] > SHARED_MEMORY_BYTES[r["arch"]]]
@@ -183,4 +193,4 @@ def test_every_kernel_compiles_for_hopper_and_ampere() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    compile_all()
+    compile_all(*(int(arg) for arg in sys.argv[1:3]))

@@ -126,13 +126,13 @@ def test_op_gradcheck_and_opcheck(device):
     torch.library.opcheck(leaky_scan_op, (x, beta, True, 16))
 
 
-def test_op_compiles_without_graph_breaks(device):
+def test_op_compiles_without_graph_breaks(device, compile_backend):
     x, beta = _inputs(2, 37, 2, 4, dtype=torch.float32, device=device)
 
     def f(x, theta):
         return leaky_average(torch.sin(x), 10 * theta.abs(), impl="op", chunk_size=16).square().sum()
 
-    compiled = torch.compile(f, fullgraph=True)
+    compiled = torch.compile(f, backend=compile_backend, fullgraph=True)
     theta = (beta / 10).detach().requires_grad_()
     eager_grads = torch.autograd.grad(f(x, theta), (x, theta))
     compiled_grads = torch.autograd.grad(compiled(x, theta), (x, theta))
