@@ -295,18 +295,23 @@ def test_zero_copy_bag_matches_device_table(backend, transfer, device):
     torch.testing.assert_close(grad.values(), expected_grad.values(), rtol=0, atol=1e-6)
 
 
-def test_zero_copy_gradients_float64():
+@pytest.mark.parametrize("backend,buffer_rows", [("torch", None), ("torch", 4), ("triton", 4)])
+def test_zero_copy_gradients_float64(backend, buffer_rows, monkeypatch):
     """gradcheck of the score path, and the row gradient left in host_rows against autograd of the
-    dense formulation, both in float64."""
+    dense formulation, both in float64; buffer_rows: a buffer smaller than the unique rows (overflow)."""
     gen = torch.Generator().manual_seed(3)
     table = torch.randn(20, 6, generator=gen, dtype=torch.float64)
     rows = torch.randint(0, 20, (4, 5), generator=gen)
     weights = torch.rand(4, 5, generator=gen, dtype=torch.float64).requires_grad_()
     values = zero_copy_table(table)
-    assert torch.autograd.gradcheck(lambda w: values.bag(rows, w, "torch"), (weights,))
+    if buffer_rows is not None:
+        monkeypatch.setattr(values.capacity, "choose", lambda *args: buffer_rows)
+        assert rows.unique().numel() > buffer_rows
+    fast = backend == "triton"  # one random direction: few interpreted launches
+    assert torch.autograd.gradcheck(lambda w: values.bag(rows, w, backend), (weights,), fast_mode=fast)
     values.weight.host_rows.grad = None
     grad_out = torch.randn(4, 6, generator=gen, dtype=torch.float64)
-    values.bag(rows, weights, "torch").backward(grad_out)
+    values.bag(rows, weights, backend).backward(grad_out)
     dense_table = table.clone().requires_grad_()
     bag_naive.weighted_bag_forward(dense_table, rows, weights.detach()).backward(grad_out)
     torch.testing.assert_close(grad_of(values.weight).to_dense(), dense_table.grad, rtol=1e-12, atol=1e-12)
@@ -527,3 +532,26 @@ def test_gpu_reads_and_updates_the_host_table_over_uva(row_update):
         torch.testing.assert_close(opt_host.state[values.weight][key], state.cpu(), rtol=1e-6, atol=1e-7, msg=key)
         assert key == "step" or opt_host.state[values.weight][key].device.type == "cpu"
     assert values.weight.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host syncs exist only there)")
+def test_gpu_forward_and_its_capacity_choice_never_sync():
+    """A zero-copy bag forward on CUDA, adapted capacity and overflow included, makes no host sync."""
+    gen = torch.Generator().manual_seed(9)
+    values = zero_copy_table(torch.randn(4096, 64, generator=gen))
+    optimizer = AdamW([{"params": [values.weight], "row_update": "lazy"}], weight_decay=0.0, fused=False, **HP)
+    for n_unique in (100, 1000):  # the second step overflows its 128-row buffer
+        rows = lookups_of(n_unique, 400, 4096, seed=n_unique).cuda()
+        weights = torch.rand(rows.shape, generator=gen).cuda().requires_grad_()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = values.bag(rows, weights, "auto")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.cuda.synchronize()  # the count copies have landed: the next step's capacity is known
+    assert values.capacity.rows == 128
+    values.bag(rows, weights.detach(), "auto")
+    assert values.capacity.overflow_calls == 1 and values.capacity.rows >= 1000
