@@ -153,10 +153,11 @@ def _acc_dtype(values_KD: Tensor) -> tuple[torch.dtype, object]:
     return (torch.float64, tl.float64) if values_KD.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _overflow_args(values_KD: Tensor, overflow: Overflow | None) -> tuple[object, Tensor, int, int, bool]:
-    """(T, T_ROWS, stride_t, capacity, OVERFLOW) kernel arguments; without overflow, unread stand-ins."""
+def _overflow_args(values_KD: Tensor, ids: Tensor, overflow: Overflow | None) -> tuple[object, Tensor, int, int, bool]:
+    """(T, T_ROWS, stride_t, capacity, OVERFLOW) kernel arguments; without overflow, unread
+    stand-ins of the same types (values, and an integer tensor `ids`)."""
     if overflow is None:
-        return values_KD, values_KD, 0, values_KD.shape[0], False
+        return values_KD, ids, 0, values_KD.shape[0], False
     return overflow.table, overflow.table_rows, overflow.row_stride, overflow.capacity, True
 
 
@@ -169,7 +170,7 @@ def _fwd(values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor, overflow: Ov
         return out_ND.zero_()
     block_d = _block_d(dim)
     grid = (n_bags, triton.cdiv(dim, block_d))
-    table, table_rows, stride_t, capacity, has_overflow = _overflow_args(values_KD, overflow)
+    table, table_rows, stride_t, capacity, has_overflow = _overflow_args(values_KD, indices_NL, overflow)
     _bag_fwd_kernel[grid](
         values_KD, indices_NL, weights_NL, out_ND, table, table_rows, bag_len, dim, values_KD.stride(0), stride_t, capacity,
         OVERFLOW=has_overflow, ACC=_acc_dtype(values_KD)[1], BLOCK_L=FWD_BLOCK_L, BLOCK_D=block_d,
@@ -194,7 +195,7 @@ def _bwd(
     grad_rows_UD = torch.empty(n_unique if want_gv else 0, dim, dtype=acc_torch, device=device)
     grad_weights_NL = torch.empty(n_bags if want_gw else 0, bag_len, dtype=acc_torch, device=device)
     if n_unique > 0:
-        table, table_rows, stride_t, capacity, has_overflow = _overflow_args(values_KD, overflow)
+        table, table_rows, stride_t, capacity, has_overflow = _overflow_args(values_KD, rows_U, overflow)
         _bag_bwd_kernel[(n_unique,)](
             values_KD, weights_NL, grad_out_ND, rows_U, starts_U, counts_U, order,
             grad_rows_UD, grad_weights_NL, table, table_rows, bag_len, dim, values_KD.stride(0), stride_t, capacity,

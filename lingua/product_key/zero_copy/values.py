@@ -136,7 +136,8 @@ def _slot_values(buffer_CV: Tensor, source_RV: Tensor, slot_rows_S: Tensor, n_un
     free on CPU; on CUDA this reference path syncs when the buffer can overflow)."""
     if buffer_CV.shape[0] >= slot_rows_S.numel():
         return buffer_CV
-    return naive.slot_values(buffer_CV, source_RV, slot_rows_S, max(int(n_unique), buffer_CV.shape[0]))
+    n_slots = int(n_unique)
+    return buffer_CV if n_slots <= buffer_CV.shape[0] else naive.slot_values(buffer_CV, source_RV, slot_rows_S, n_slots)
 
 
 class _ZeroCopyBag(torch.autograd.Function):
