@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from benchmarks.timing import Timing, format_table, full_size_needs_gpu, time_fn
 from lingua.optim import AdamW, clip_grad_norm
 from lingua.product_key.embedding_bag import weighted_embedding_bag
-from lingua.product_key.zero_copy import ZeroCopyValues, available_host_bytes, fill_normal_
+from lingua.product_key.zero_copy import ZeroCopyValues, available_host_bytes, capacity, fill_normal_
 
 LR = 1e-3  # ProductKeyArgs.value_fixed_lr
 WEIGHT_DECAY = 0.0  # ProductKeyArgs.value_weight_decay
@@ -338,17 +338,21 @@ def _steps_peak(candidate, rows: Tensor, weights: Tensor, grad_out: Tensor) -> s
     return _peak_gib()
 
 
-def buffer_line(n_rows: int, dim: int, n_lookups: int, n_unique: int) -> str:
-    """The zero-copy forward's device buffer (kept for backward: min(N*L, R) fp32 rows, sized
-    without a host sync) next to the bytes of the unique rows it holds, and a buffer per lookup."""
-    slots = min(n_lookups, n_rows)
+def buffer_line(n_rows: int, dim: int, n_lookups: int, n_unique: int, values: ZeroCopyValues) -> str:
+    """The zero-copy forward's device buffer (kept for backward, fp32 rows) as its capacity stands
+    after the timed steps (margin x the recent unique rows, read back without a host sync, at most
+    min(N*L, R)), next to the bytes of the unique rows, the bound and a buffer per lookup."""
+    chooser = values.capacity
+    rows, bound = chooser.rows, min(n_lookups, n_rows)
 
     def size(n: int) -> str:
         return f"{n * dim * 4 / 2**20:.2f} MiB"
 
     return (
-        f"zero-copy forward buffer: {slots} rows = {size(slots)} (bound min(N*L, R)); unique rows {n_unique} = {size(n_unique)} "
-        f"({100 * n_unique / slots:.0f}% of the buffer); one row per lookup would be {n_lookups} rows = {size(n_lookups)}"
+        f"zero-copy forward buffer: {rows} rows = {size(rows)} (capacity min(N*L, R, round_up({chooser.margin:g} x recent unique "
+        f"rows, {capacity.ROUND_ROWS})), {chooser.overflow_calls} overflowing calls); unique rows {n_unique} = {size(n_unique)} "
+        f"({100 * n_unique / max(rows, 1):.0f}% of the buffer); bound min(N*L, R) = {bound} rows = {size(bound)}; "
+        f"one row per lookup would be {n_lookups} rows = {size(n_lookups)}"
     )
 
 
@@ -428,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, weights, grad_out = make_lookups(args.rows, args.dim, args.tokens, args.lookups, device)
     n_unique = torch.unique(rows).numel()
-    print(buffer_line(args.rows, args.dim, rows.numel(), n_unique))
+    buffer = "zero-copy forward buffer: not measured (the zero-copy candidate was skipped)"
     main_transfer = transfers[0]
     builders = {
         "zero-copy (update on device)": (lambda: ZeroCopy(args.rows, args.dim, main_transfer, "device"),
@@ -479,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
             on_gpu = f", {_rate(n_bytes, timing.median_ms, peak)}, peak GPU {peak_memory}" if device.type == "cuda" else ""
             notes[stage][name] = f"{n_unique} unique rows{on_gpu}"
         if name == "zero-copy (update on device)":
+            buffer = buffer_line(args.rows, args.dim, rows.numel(), n_unique, candidate.values)
             # Peak GPU memory at two table sizes with the same lookups (rows < R/4, so both tables hold
             # them): only the table size changes, and the GPU memory must not.
             folded = rows % (args.rows // 4)
@@ -497,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         f"zero-copy transfer {main_transfer}; lazy AdamW lr {LR}, clip {CLIP}"
         + ("; PCIe bytes are estimates (see pcie_bytes)" if device.type == "cuda" else "; on CPU: no transfers, a smoke test of this script")
     )
+    print(buffer)
     for line in skipped:
         print(f"skipped {line}")
     for stage, stage_timings in stages.items():

@@ -33,7 +33,8 @@ def test_zero_copy_tiny_runs_and_reports():
     assert "| public approach | " in result.stdout and "speedup vs public approach" in result.stdout
     assert "device:" in result.stdout and "goals: not checked on CPU" in result.stdout
     assert "big table: 4 steps trained (probed rows moved)" in result.stdout
-    assert "zero-copy forward buffer: 1024 rows = 0.25 MiB (bound min(N*L, R)); unique rows " in result.stdout
+    assert "zero-copy forward buffer: 1024 rows = 0.25 MiB (capacity min(N*L, R, round_up(1.25 x recent unique rows, 128)), 0 overflowing calls); unique rows " in result.stdout
+    assert "bound min(N*L, R) = 1024 rows = 0.25 MiB; one row per lookup would be 1024 rows" in result.stdout
     assert "PCIe" not in result.stdout and "(met)" not in result.stdout  # nothing crosses PCIe on CPU; the goals are for a GPU
 
 

@@ -40,27 +40,32 @@ def _cases():
         v = triton_type[dtype]
         acc_torch, acc = triton_bag._acc_dtype(torch.empty(0, dtype=dtype, device="meta"))
         a = triton_type[acc_torch]
+        # the overflow table (zero-copy: the host table): none, or the fp32 master / bf16 copy beside an fp32 buffer
+        overflows = [(False, v)] + ([(True, "fp32"), (True, "bf16")] if v == "fp32" else [(True, v)])
         for dim in (1024, 96):
             block_d = triton_bag._block_d(dim)
-            yield (
-                f"bag forward {v} D={dim}",
-                triton_bag._bag_fwd_kernel,
-                {"V": f"*{v}", "IDX": "*i64", "W": f"*{a}", "OUT": f"*{v}", "L": "i32", "stride_v": "i32"},
-                {"D": dim, "ACC": acc, "BLOCK_L": triton_bag.FWD_BLOCK_L, "BLOCK_D": block_d},
-            )
-            for want_gv, want_gw in ((True, True), (True, False), (False, True)):
+            for has_overflow, t in overflows:
+                second = {"T": f"*{t}", "T_ROWS": "*i64", "stride_t": "i32", "capacity": "i32"}
+                name = f" overflow table {t}" if has_overflow else ""
                 yield (
-                    f"bag backward {v} D={dim} value-grad={want_gv} score-grad={want_gw}",
-                    triton_bag._bag_bwd_kernel,
-                    {
-                        "V": f"*{v}", "W": f"*{a}", "GO": f"*{v}", "ROWS": "*i64", "STARTS": "*i64", "COUNTS": "*i64",
-                        "ORDER": "*i64", "GV": f"*{a}", "GW": f"*{a}", "L": "i32", "stride_v": "i32",
-                    },
-                    {
-                        "D": dim, "WANT_GV": want_gv, "WANT_GW": want_gw, "ACC": acc,
-                        "BLOCK_L": triton_bag.BWD_BLOCK_L, "BLOCK_D": block_d,
-                    },
+                    f"bag forward {v} D={dim}{name}",
+                    triton_bag._bag_fwd_kernel,
+                    {"V": f"*{v}", "IDX": "*i64", "W": f"*{a}", "OUT": f"*{v}", "L": "i32", "stride_v": "i32", **second},
+                    {"D": dim, "OVERFLOW": has_overflow, "ACC": acc, "BLOCK_L": triton_bag.FWD_BLOCK_L, "BLOCK_D": block_d},
                 )
+                for want_gv, want_gw in ((True, True), (True, False), (False, True)):
+                    yield (
+                        f"bag backward {v} D={dim} value-grad={want_gv} score-grad={want_gw}{name}",
+                        triton_bag._bag_bwd_kernel,
+                        {
+                            "V": f"*{v}", "W": f"*{a}", "GO": f"*{v}", "ROWS": "*i64", "STARTS": "*i64", "COUNTS": "*i64",
+                            "ORDER": "*i64", "GV": f"*{a}", "GW": f"*{a}", "L": "i32", "stride_v": "i32", **second,
+                        },
+                        {
+                            "D": dim, "OVERFLOW": has_overflow, "WANT_GV": want_gv, "WANT_GW": want_gw, "ACC": acc,
+                            "BLOCK_L": triton_bag.BWD_BLOCK_L, "BLOCK_D": block_d,
+                        },
+                    )
         if dtype == torch.float64:
             continue
         yield (

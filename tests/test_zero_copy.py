@@ -23,8 +23,8 @@ from lingua.checkpoint import consolidate, step_dirs
 from lingua.optim import AdamW, OptimArgs, RowStep, build_optimizer, clip_grad_norm, grad_of
 from lingua.product_key import ProductKeyArgs, ZeroCopyValues, memory_param_groups
 from lingua.product_key.embedding_bag import naive as bag_naive
-from lingua.product_key.embedding_bag import weighted_embedding_bag
-from lingua.product_key.zero_copy import dedup_rows, host, kernels, naive
+from lingua.product_key.embedding_bag import triton_bag, weighted_embedding_bag
+from lingua.product_key.zero_copy import capacity, dedup_rows, host, kernels, naive
 from lingua.synthetic import write_corpus
 from lingua.trainer import train
 
@@ -95,21 +95,53 @@ def test_update_kernel_matches_reference(rule, with_low_precision, device):
 
 def test_dedup_rows_without_host_sync_semantics():
     rows = torch.tensor([7, 3, 7, 7, 0, 3, 9, 0])
-    slot_rows, inverse = dedup_rows(rows, n_rows=10)
-    assert slot_rows.tolist() == [0, 3, 7, 9, -1, -1, -1, -1]
+    slot_rows, inverse, n_unique = dedup_rows(rows, n_rows=10)
+    assert slot_rows.tolist() == [0, 3, 7, 9, -1, -1, -1, -1] and n_unique.item() == 4
     assert torch.equal(slot_rows[inverse], rows)
-    few_slots, few_inverse = dedup_rows(rows[[0, 1, 4, 6]], n_rows=12)  # fewer lookups than rows
-    assert few_slots.tolist() == [0, 3, 7, 9] and torch.equal(few_slots[few_inverse], rows[[0, 1, 4, 6]])
-    table_bound, table_inverse = dedup_rows(rows, n_rows=4)  # 4 unique rows fill the 4 slots a 4-row table allows
-    assert table_bound.tolist() == [0, 3, 7, 9] and torch.equal(table_bound[table_inverse], rows)
-    empty_slots, empty_inverse = dedup_rows(torch.zeros(0, dtype=torch.long), n_rows=10)
-    assert empty_slots.numel() == 0 and empty_inverse.numel() == 0
+    few = dedup_rows(rows[[0, 1, 4, 6]], n_rows=12)  # fewer lookups than rows
+    assert few.slot_rows.tolist() == [0, 3, 7, 9] and torch.equal(few.slot_rows[few.inverse], rows[[0, 1, 4, 6]])
+    table_bound = dedup_rows(rows, n_rows=4)  # 4 unique rows fill the 4 slots a 4-row table allows
+    assert table_bound.slot_rows.tolist() == [0, 3, 7, 9] and torch.equal(table_bound.slot_rows[table_bound.inverse], rows)
+    empty = dedup_rows(torch.zeros(0, dtype=torch.long), n_rows=10)
+    assert empty.slot_rows.numel() == 0 and empty.inverse.numel() == 0 and empty.n_unique.item() == 0
 
 
-def saved_row_bytes(values: ZeroCopyValues, rows: torch.Tensor) -> int:
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_two_source_bag_kernels_match_reference(source_dtype, device):
+    """The bag kernels with an overflow source (slots >= C read the table) against the plain torch
+    bag over the buffer followed by the table's overflow rows: output, row and score gradients."""
+    gen = torch.Generator().manual_seed(7)
+    table = torch.randn(90, 37, generator=gen).to(source_dtype)
+    rows = torch.randint(0, 90, (13, 7), generator=gen)
+    rows[:, 0] = 4  # a hot row
+    dedup = dedup_rows(rows.flatten(), 90)
+    n_unique, capacity = int(dedup.n_unique), 20
+    assert n_unique > capacity + 16  # several overflow slots, more than one block of them
+    weights = torch.randn(13, 7, generator=gen)
+    grad_out = torch.randn(13, 37, generator=gen)
+    table, rows, weights, grad_out = (t.to(device) for t in (table, rows, weights, grad_out))
+    slot_rows, slots = dedup.slot_rows.to(device), dedup.inverse.view(13, 7).to(device)
+    buffer = naive.gather_rows(table, slot_rows[:capacity], torch.float32)
+    overflow = triton_bag.Overflow(table, table.stride(0), slot_rows, capacity)
+    values = naive.slot_values(buffer, table, slot_rows, n_unique)
+    assert torch.equal(values, table[slot_rows[:n_unique]].float())
+    out = triton_bag._fwd(buffer, slots, weights, overflow)
+    torch.testing.assert_close(out, bag_naive.weighted_bag_forward(values, slots, weights), rtol=1e-6, atol=1e-6)
+    assert torch.equal(out, triton_bag._fwd(values, slots, weights))  # the overflow source changes no bit
+    got = triton_bag._bwd(buffer, slots, weights, grad_out, True, True, overflow)
+    expected = bag_naive.weighted_bag_backward(values, slots, weights, grad_out)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[0], torch.arange(n_unique, device=device))
+    for ours, reference in zip(got[1:], expected[1:]):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    for ours, plain in zip(got, triton_bag._bwd(values, slots, weights, grad_out, True, True)):
+        assert torch.equal(ours, plain)
+
+
+def saved_row_bytes(values: ZeroCopyValues, rows: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Bytes of the table-wide ([*, V]) tensors a zero-copy bag forward keeps for its backward
-    (on a GPU: the device memory the forward holds until backward)."""
+    (on a GPU: the device memory the forward holds until backward); then an optimizer step when given."""
     width, kept = values.weight.shape[1], []
+    assert rows.shape[1] != width  # the [N, L] lookups are not counted as rows
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dim() == 2 and tensor.shape[1] == width:
@@ -119,22 +151,107 @@ def saved_row_bytes(values: ZeroCopyValues, rows: torch.Tensor) -> int:
     weights = torch.rand(rows.shape, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         values.bag(rows, weights, "torch").sum().backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad()
     values.weight.host_rows.grad = None
     return sum(kept)
 
 
-def test_zero_copy_buffer_is_bounded_by_the_table_rows_not_the_lookups():
-    """The forward's device buffer holds at most one row per table row: independent of N*L once
-    N*L exceeds the table (a buffer per lookup would grow with N*L)."""
-    n_rows, width = 64, 8
-    values = zero_copy_table(torch.randn(n_rows, width))
+def lookups_of(n_unique: int, n_tokens: int, n_rows: int, seed: int) -> torch.Tensor:
+    """[n_tokens, 6] lookups reading exactly n_unique distinct rows of an n_rows table."""
+    gen = torch.Generator().manual_seed(seed)
+    distinct = torch.randperm(n_rows, generator=gen)[:n_unique]
+    picks = torch.cat([torch.arange(n_unique), torch.randint(0, n_unique, (n_tokens * 6 - n_unique,), generator=gen)])
+    return distinct[picks[torch.randperm(picks.numel(), generator=gen)]].view(n_tokens, 6)
+
+
+def test_zero_copy_buffer_is_independent_of_lookups_and_grows_with_unique_rows_only():
+    """The forward's device buffer, once its capacity adapted (one optimizer step), holds about
+    margin x the unique rows: independent of N*L once N*L exceeds the table, larger for more unique
+    rows, never more than min(N*L, R) (the first step, with no count read yet, takes that bound)."""
+    n_rows, width = 1024, 8
     row_bytes = width * 4
-    gen = torch.Generator().manual_seed(6)
-    few = torch.randint(0, n_rows, (5, 6), generator=gen)  # 30 lookups < 64 rows
-    assert saved_row_bytes(values, few) == few.numel() * row_bytes
-    for n_tokens in (50, 200):  # 300 and 1200 lookups of a 64-row table
-        rows = torch.randint(0, n_rows, (n_tokens, 6), generator=gen)
-        assert saved_row_bytes(values, rows) == n_rows * row_bytes
+    sizes = {}
+    for n_unique in (100, 300):
+        for n_tokens in (200, 800):  # 1200 and 4800 lookups of a 1024-row table
+            values = zero_copy_table(torch.randn(n_rows, width))
+            optimizer = AdamW([{"params": [values.weight], "row_update": "lazy"}], weight_decay=0.0, fused=False, **HP)
+            first = saved_row_bytes(values, lookups_of(n_unique, n_tokens, n_rows, seed=n_tokens), optimizer)
+            assert first == n_rows * row_bytes
+            sizes[n_unique, n_tokens] = saved_row_bytes(values, lookups_of(n_unique, n_tokens, n_rows, seed=n_tokens + 1), optimizer)
+            assert values.capacity.overflow_calls == 0
+    for n_unique in (100, 300):
+        assert sizes[n_unique, 200] == sizes[n_unique, 800]
+        assert n_unique * row_bytes <= sizes[n_unique, 200] <= 1.25 * n_unique * row_bytes + capacity.ROUND_ROWS * row_bytes
+    assert sizes[300, 200] > sizes[100, 200]
+    values = zero_copy_table(torch.randn(n_rows, width), first_buffer_rows=64)
+    few = lookups_of(20, 5, n_rows, seed=1)  # 30 lookups < 64 rows
+    assert saved_row_bytes(values, few) == few.numel() * row_bytes  # the bound min(N*L, R) holds first
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("transfer", ["fp32", "bf16"])
+def test_overflow_step_is_exact_and_the_capacity_adapts(backend, transfer, caplog, monkeypatch):
+    """A step looking up more unique rows than the buffer holds: the rows beyond it are read from
+    the host table, so the output and both gradients equal a buffer holding them all (bit for bit)
+    and the device table; the overflow is warned about once read and the next buffer holds them."""
+    monkeypatch.setattr(capacity, "ROUND_ROWS", 16)  # small buffers: few interpreted programs
+    n_rows, width = 64, 20
+    gen = torch.Generator().manual_seed(8)
+    table = torch.randn(n_rows, width, generator=gen)
+    values, unbounded = zero_copy_table(table, transfer=transfer), zero_copy_table(table, transfer=transfer)
+    optimizer = AdamW([{"params": [values.weight], "row_update": "lazy", "lr": 0.0}], weight_decay=0.0, fused=False, **HP)
+    saved_row_bytes(values, lookups_of(5, 2, n_rows, seed=0), optimizer)  # few unique rows: the buffer shrinks to 16
+    rows = torch.randint(0, n_rows, (12, 7), generator=gen)
+    rows[:, 0] = 3  # a hot row
+    weights = torch.rand(12, 7, generator=gen, requires_grad=True)
+    grad_out = torch.randn(12, width, generator=gen)
+    outputs = []
+    for candidate in (values, unbounded, nn.Parameter(table.clone())):
+        weights.grad = None
+        if isinstance(candidate, ZeroCopyValues):
+            out, param = candidate.bag(rows, weights, backend), candidate.weight
+        else:  # the rows a bf16 transfer reads
+            param = candidate if transfer == "fp32" else nn.Parameter(candidate.detach().to(torch.bfloat16).float())
+            out = weighted_embedding_bag(param, rows, weights, backend)
+        out.backward(grad_out)
+        outputs.append((out, weights.grad.clone(), grad_of(param).coalesce()))
+    n_unique = rows.unique().numel()
+    overflowed_at = values.capacity.rows
+    assert overflowed_at == 16 < n_unique and unbounded.capacity.rows == n_rows  # this step overflowed
+    for got, expected in zip(outputs[0], outputs[1]):  # overflow or not: the same bits
+        assert torch.equal(got.indices(), expected.indices()) and torch.equal(got.values(), expected.values()) if got.is_sparse \
+            else torch.equal(got, expected)
+    out, weights_grad, grad = outputs[0]
+    torch.testing.assert_close(out, outputs[2][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weights_grad, outputs[2][1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(grad.indices(), outputs[2][2].indices())
+    torch.testing.assert_close(grad.values(), outputs[2][2].values(), rtol=0, atol=1e-6)
+    optimizer.step()
+    optimizer.zero_grad()
+    with caplog.at_level("WARNING", logger=capacity.__name__):
+        values.bag(rows, weights.detach(), backend)  # the next step reads the overflow back
+    assert values.capacity.overflow_calls == 1 and values.capacity.overflow_rows == n_unique - overflowed_at
+    assert "zero-copy buffer overflow in 1 bag call(s)" in caplog.text
+    assert values.capacity.rows >= n_unique
+
+
+def test_capacity_is_kept_within_a_step():
+    """While gradients are recorded the capacity changes only after an optimizer update: an
+    activation-checkpoint recompute keeps its forward's buffer size; without gradients it adapts at once."""
+    chooser = capacity.BufferCapacity(margin=1.5)
+    assert chooser.choose(5000, 1024, updates=0) == 1024
+    chooser.record(torch.tensor(100), 1024)
+    assert chooser.choose(5000, 1024, updates=0) == 1024  # same step: unchanged
+    assert chooser.choose(5000, 1024, updates=1) == 256  # round_up(1.5 * 100, 128)
+    chooser.record(torch.tensor(300), 256)
+    assert chooser.choose(200, 1024, updates=1) == 200  # never more than the lookups
+    with torch.no_grad():
+        assert chooser.choose(5000, 1024, updates=1) == 512
+    assert chooser.overflow_calls == 1 and chooser.overflow_rows == 44
+    with pytest.raises(ValueError, match="margin"):
+        capacity.BufferCapacity(margin=0.5)
 
 
 def pk_args(**overrides) -> ProductKeyArgs:
@@ -178,18 +295,23 @@ def test_zero_copy_bag_matches_device_table(backend, transfer, device):
     torch.testing.assert_close(grad.values(), expected_grad.values(), rtol=0, atol=1e-6)
 
 
-def test_zero_copy_gradients_float64():
+@pytest.mark.parametrize("backend,buffer_rows", [("torch", None), ("torch", 4), ("triton", 4)])
+def test_zero_copy_gradients_float64(backend, buffer_rows, monkeypatch):
     """gradcheck of the score path, and the row gradient left in host_rows against autograd of the
-    dense formulation, both in float64."""
+    dense formulation, both in float64; buffer_rows: a buffer smaller than the unique rows (overflow)."""
     gen = torch.Generator().manual_seed(3)
     table = torch.randn(20, 6, generator=gen, dtype=torch.float64)
     rows = torch.randint(0, 20, (4, 5), generator=gen)
     weights = torch.rand(4, 5, generator=gen, dtype=torch.float64).requires_grad_()
     values = zero_copy_table(table)
-    assert torch.autograd.gradcheck(lambda w: values.bag(rows, w, "torch"), (weights,))
+    if buffer_rows is not None:
+        monkeypatch.setattr(values.capacity, "choose", lambda *args: buffer_rows)
+        assert rows.unique().numel() > buffer_rows
+    fast = backend == "triton"  # one random direction: few interpreted launches
+    assert torch.autograd.gradcheck(lambda w: values.bag(rows, w, backend), (weights,), fast_mode=fast)
     values.weight.host_rows.grad = None
     grad_out = torch.randn(4, 6, generator=gen, dtype=torch.float64)
-    values.bag(rows, weights, "torch").backward(grad_out)
+    values.bag(rows, weights, backend).backward(grad_out)
     dense_table = table.clone().requires_grad_()
     bag_naive.weighted_bag_forward(dense_table, rows, weights.detach()).backward(grad_out)
     torch.testing.assert_close(grad_of(values.weight).to_dense(), dense_table.grad, rtol=1e-12, atol=1e-12)
@@ -410,3 +532,26 @@ def test_gpu_reads_and_updates_the_host_table_over_uva(row_update):
         torch.testing.assert_close(opt_host.state[values.weight][key], state.cpu(), rtol=1e-6, atol=1e-7, msg=key)
         assert key == "step" or opt_host.state[values.weight][key].device.type == "cpu"
     assert values.weight.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host syncs exist only there)")
+def test_gpu_forward_and_its_capacity_choice_never_sync():
+    """A zero-copy bag forward on CUDA, adapted capacity and overflow included, makes no host sync."""
+    gen = torch.Generator().manual_seed(9)
+    values = zero_copy_table(torch.randn(4096, 64, generator=gen))
+    optimizer = AdamW([{"params": [values.weight], "row_update": "lazy"}], weight_decay=0.0, fused=False, **HP)
+    for n_unique in (100, 1000):  # the second step overflows its 128-row buffer
+        rows = lookups_of(n_unique, 400, 4096, seed=n_unique).cuda()
+        weights = torch.rand(rows.shape, generator=gen).cuda().requires_grad_()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = values.bag(rows, weights, "auto")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.cuda.synchronize()  # the count copies have landed: the next step's capacity is known
+    assert values.capacity.rows == 128
+    values.bag(rows, weights.detach(), "auto")
+    assert values.capacity.overflow_calls == 1 and values.capacity.rows >= 1000

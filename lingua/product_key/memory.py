@@ -55,6 +55,8 @@ class ProductKeyArgs:
     zero_copy: bool = False  # keep the value table and its optimizer state in host memory, read by the GPU directly
     zero_copy_transfer: TransferDtype = "fp32"  # rows the GPU reads: fp32 master, or a bf16 copy (half the bytes)
     zero_copy_update: UpdatePlace = "device"  # value update: on the GPU writing host rows over UVA, or on host CPU threads
+    zero_copy_buffer_margin: float = 1.25  # forward buffer rows: this x the recent unique rows (more are read from host memory)
+    zero_copy_first_buffer_rows: int = 0  # forward buffer rows before any unique-row count is known; 0: min(tokens x lookups, rows)
     mem_offload: bool = False  # values on an FPGA memory device: not supported (the public code's XDMA path)
 
     def __post_init__(self) -> None:
@@ -87,6 +89,10 @@ class ProductKeyArgs:
             )
         if self.zero_copy and self.peer_variant:
             raise ConfigError(f"{key}.zero_copy=true does not support peer_variant=true (experts' input rows stay on the GPU)")
+        if self.zero_copy_buffer_margin < 1:
+            raise ConfigError(f"{key}.zero_copy_buffer_margin={self.zero_copy_buffer_margin} must be >= 1 (e.g. 1.25)")
+        if self.zero_copy_first_buffer_rows < 0:
+            raise ConfigError(f"{key}.zero_copy_first_buffer_rows={self.zero_copy_first_buffer_rows} must be >= 0 (0: no limit)")
         if self.zero_copy and self.value_update == "dense":
             raise ConfigError(
                 f"{key}.zero_copy=true needs value_update=lazy or rowwise_adagrad: dense updates rewrite every host row each step"
@@ -192,6 +198,7 @@ def build_values(n_rows: int, v_dim: int, args: ProductKeyArgs, peer_in_dim: int
         return ZeroCopyValues(
             n_rows, v_dim, args.value_fixed_lr, args.value_weight_decay, args.value_update, args.value_lr_schedule,
             args.zero_copy_transfer, args.zero_copy_update,
+            buffer_margin=args.zero_copy_buffer_margin, first_buffer_rows=args.zero_copy_first_buffer_rows,
         )
     return MemoryValues(n_rows, v_dim, args, peer_in_dim)
 

@@ -3,7 +3,8 @@
     out[n] = sum_l weights[n, l] * values[indices[n, l]]
 
 The Triton kernels beside this file must agree with these functions; the torch backend of the
-public op (CPU tensors) runs them. Shapes: N bags (tokens), L entries per bag (heads * knn),
+public op (CPU tensors) runs them. With an `Overflow` source (zero-copy), the kernels must agree
+with these functions over `zero_copy.naive.slot_values` (the buffer, then the overflow rows). Shapes: N bags (tokens), L entries per bag (heads * knn),
 K table rows, D row width, U unique rows of a batch.
 """
 

@@ -10,12 +10,15 @@ so the result is deterministic, and the value gradient is a coalesced sparse COO
 touched rows: a dense [K, D] gradient is never built. CUDA tensors take the kernels, CPU tensors
 torch's embedding bag forward and the sparse-matrix backward of `sparse_cpu.py`; `naive.py` is the
 readable reference of both (the tests run the kernels on CPU through the Triton interpreter).
+An optional `Overflow` makes the launchers read two sources: entries whose index is at least
+`capacity` read row table_rows[index] of a second table instead of values[index] (the zero-copy
+bag: a device buffer of the first `capacity` unique rows, the rest read from host memory).
 Shapes: N bags, L entries per bag, K table rows, D row width, U unique rows.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +34,29 @@ FWD_BLOCK_L = 16  # bag entries loaded together in the forward
 BWD_BLOCK_L = 16  # entries of one row processed together in the backward
 
 
-@triton.jit(do_not_specialize=["L"])
+class Overflow(NamedTuple):
+    """The second source of a two-source bag: index i >= capacity reads table[table_rows[i]]."""
+
+    table: object  # [R, D] rows contiguous: a tensor, or any object with data_ptr() and dtype (a host table over UVA)
+    row_stride: int  # elements between the table's rows
+    table_rows: Tensor  # [K] int64 table row of each index (read for indices >= capacity)
+    capacity: int  # indices below it read `values`
+
+
+@triton.jit(do_not_specialize=["L", "capacity"])
 def _bag_fwd_kernel(
     V,  # [K, D] table, row stride stride_v, unit column stride
     IDX,  # [N, L] row ids
     W,  # [N, L] weights
     OUT,  # [N, D]
+    T,  # [R, D] overflow table, row stride stride_t (read only when OVERFLOW)
+    T_ROWS,  # [K] row of T for each index >= capacity
     L,
     D: tl.constexpr,
     stride_v,
+    stride_t,
+    capacity,
+    OVERFLOW: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: fp32 (fp64 for fp64 tables)
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -53,14 +70,21 @@ def _bag_fwd_kernel(
         mask_l = offs_l < L
         rows = tl.load(IDX + n * L + offs_l, mask=mask_l, other=0).to(tl.int64)  # [BL]
         w = tl.load(W + n * L + offs_l, mask=mask_l, other=0.0).to(ACC)  # [BL]
-        v = tl.load(
-            V + rows[:, None] * stride_v + offs_d[None, :], mask=mask_l[:, None] & mask_d[None, :], other=0.0
-        ).to(ACC)  # [BL, BD]
+        mask = mask_l[:, None] & mask_d[None, :]
+        if OVERFLOW:
+            in_v = rows < capacity  # [BL]
+            over = mask_l & (rows >= capacity)
+            t_rows = tl.load(T_ROWS + rows, mask=over, other=0).to(tl.int64)  # [BL]
+            v_in = tl.load(V + rows[:, None] * stride_v + offs_d[None, :], mask=mask & in_v[:, None], other=0.0).to(ACC)
+            v_over = tl.load(T + t_rows[:, None] * stride_t + offs_d[None, :], mask=mask & over[:, None], other=0.0).to(ACC)
+            v = tl.where(in_v[:, None], v_in, v_over)  # [BL, BD]
+        else:
+            v = tl.load(V + rows[:, None] * stride_v + offs_d[None, :], mask=mask, other=0.0).to(ACC)  # [BL, BD]
         acc += tl.sum(v * w[:, None], axis=0)
     tl.store(OUT + n * D + offs_d, acc.to(OUT.dtype.element_ty), mask=mask_d)
 
 
-@triton.jit(do_not_specialize=["L"])
+@triton.jit(do_not_specialize=["L", "capacity"])
 def _bag_bwd_kernel(
     V,  # [K, D] table
     W,  # [N*L] weights (flat)
@@ -71,9 +95,14 @@ def _bag_bwd_kernel(
     ORDER,  # [N*L] flat (bag, entry) positions sorted by row
     GV,  # [U, D] row gradients (accumulation dtype)
     GW,  # [N*L] score gradients
+    T,  # [R, D] overflow table (read only when OVERFLOW)
+    T_ROWS,  # [K] row of T for each index >= capacity
     L,
     D: tl.constexpr,
     stride_v,
+    stride_t,
+    capacity,
+    OVERFLOW: tl.constexpr,
     WANT_GV: tl.constexpr,
     WANT_GW: tl.constexpr,
     ACC: tl.constexpr,
@@ -84,6 +113,8 @@ def _bag_bwd_kernel(
     row = tl.load(ROWS + u).to(tl.int64)
     start = tl.load(STARTS + u).to(tl.int64)
     count = tl.load(COUNTS + u).to(tl.int64)
+    if OVERFLOW:
+        t_row = tl.load(T_ROWS + row, mask=row >= capacity, other=0).to(tl.int64)
     for s in range(0, count, BLOCK_L):
         offs_l = s + tl.arange(0, BLOCK_L)
         mask_l = offs_l < count
@@ -98,7 +129,12 @@ def _bag_bwd_kernel(
                 GO + bag[:, None] * D + offs_d[None, :], mask=mask_l[:, None] & mask_d[None, :], other=0.0
             ).to(ACC)  # [BL, BD]
             if WANT_GW:
-                v = tl.load(V + row * stride_v + offs_d, mask=mask_d, other=0.0).to(ACC)  # [BD]
+                if OVERFLOW:
+                    v_in = tl.load(V + row * stride_v + offs_d, mask=mask_d & (row < capacity), other=0.0).to(ACC)
+                    v_over = tl.load(T + t_row * stride_t + offs_d, mask=mask_d & (row >= capacity), other=0.0).to(ACC)
+                    v = tl.where(row < capacity, v_in, v_over)  # [BD]
+                else:
+                    v = tl.load(V + row * stride_v + offs_d, mask=mask_d, other=0.0).to(ACC)  # [BD]
                 dots += tl.sum(g * v[None, :], axis=1)
             if WANT_GV:
                 part = tl.sum(g * w[:, None], axis=0)  # [BD]
@@ -117,7 +153,16 @@ def _acc_dtype(values_KD: Tensor) -> tuple[torch.dtype, object]:
     return (torch.float64, tl.float64) if values_KD.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _fwd(values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor) -> Tensor:
+def _overflow_args(values_KD: Tensor, ids: Tensor, overflow: Overflow | None) -> tuple[object, Tensor, int, int, bool]:
+    """(T, T_ROWS, stride_t, capacity, OVERFLOW) kernel arguments; without overflow, unread
+    stand-ins of the same types (values, and an integer tensor `ids`)."""
+    if overflow is None:
+        return values_KD, ids, 0, values_KD.shape[0], False
+    return overflow.table, overflow.table_rows, overflow.row_stride, overflow.capacity, True
+
+
+def _fwd(values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor, overflow: Overflow | None = None) -> Tensor:
+    """[N, D] bag in values' dtype; with `overflow`, indices >= its capacity read its table."""
     n_bags, bag_len = indices_NL.shape
     dim = values_KD.shape[1]
     out_ND = torch.empty(n_bags, dim, dtype=values_KD.dtype, device=values_KD.device)
@@ -125,17 +170,20 @@ def _fwd(values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor) -> Tensor:
         return out_ND.zero_()
     block_d = _block_d(dim)
     grid = (n_bags, triton.cdiv(dim, block_d))
+    table, table_rows, stride_t, capacity, has_overflow = _overflow_args(values_KD, indices_NL, overflow)
     _bag_fwd_kernel[grid](
-        values_KD, indices_NL, weights_NL, out_ND, bag_len, dim, values_KD.stride(0),
-        ACC=_acc_dtype(values_KD)[1], BLOCK_L=FWD_BLOCK_L, BLOCK_D=block_d,
+        values_KD, indices_NL, weights_NL, out_ND, table, table_rows, bag_len, dim, values_KD.stride(0), stride_t, capacity,
+        OVERFLOW=has_overflow, ACC=_acc_dtype(values_KD)[1], BLOCK_L=FWD_BLOCK_L, BLOCK_D=block_d,
     )
     return out_ND
 
 
 def _bwd(
-    values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor, grad_out_ND: Tensor, want_gv: bool, want_gw: bool
+    values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor, grad_out_ND: Tensor, want_gv: bool, want_gw: bool,
+    overflow: Overflow | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(rows [U], grad_rows [U, D], grad_weights [N, L]) in the accumulation dtype; unwanted outputs are empty."""
+    """(rows [U], grad_rows [U, D], grad_weights [N, L]) in the accumulation dtype; unwanted outputs
+    are empty. rows are the unique indices; with `overflow`, indices >= its capacity read its table."""
     n_bags, bag_len = indices_NL.shape
     dim = values_KD.shape[1]
     device = values_KD.device
@@ -147,16 +195,32 @@ def _bwd(
     grad_rows_UD = torch.empty(n_unique if want_gv else 0, dim, dtype=acc_torch, device=device)
     grad_weights_NL = torch.empty(n_bags if want_gw else 0, bag_len, dtype=acc_torch, device=device)
     if n_unique > 0:
+        table, table_rows, stride_t, capacity, has_overflow = _overflow_args(values_KD, rows_U, overflow)
         _bag_bwd_kernel[(n_unique,)](
             values_KD, weights_NL, grad_out_ND, rows_U, starts_U, counts_U, order,
-            grad_rows_UD, grad_weights_NL, bag_len, dim, values_KD.stride(0),
-            WANT_GV=want_gv, WANT_GW=want_gw, ACC=acc_triton, BLOCK_L=BWD_BLOCK_L, BLOCK_D=_block_d(dim),
+            grad_rows_UD, grad_weights_NL, table, table_rows, bag_len, dim, values_KD.stride(0), stride_t, capacity,
+            OVERFLOW=has_overflow, WANT_GV=want_gv, WANT_GW=want_gw, ACC=acc_triton, BLOCK_L=BWD_BLOCK_L, BLOCK_D=_block_d(dim),
         )
     return rows_U, grad_rows_UD, grad_weights_NL
 
 
-def _use_triton(values_KD: Tensor, backend: Backend) -> bool:
+def use_triton(values_KD: Tensor, backend: Backend) -> bool:
+    """Whether `backend` runs the kernels for these values (auto: on CUDA)."""
     return backend == "triton" or (backend == "auto" and values_KD.is_cuda)
+
+
+
+def torch_fwd(values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor) -> Tensor:
+    """The torch backend's forward: torch's embedding bag (the reference for fp64 and empty bags)."""
+    if values_KD.dtype == torch.float64 or indices_NL.shape[1] == 0:  # embedding_bag refuses empty bags
+        return naive.weighted_bag_forward(values_KD, indices_NL, weights_NL)
+    return F.embedding_bag(indices_NL, values_KD, per_sample_weights=weights_NL.to(values_KD.dtype), mode="sum")
+
+
+def torch_bwd(values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor, grad_out_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch backend's backward (sparse products on CPU, the reference elsewhere): see `_bwd`."""
+    torch_backward = sparse_cpu.weighted_bag_backward if values_KD.device.type == "cpu" else naive.weighted_bag_backward
+    return torch_backward(values_KD, indices_NL, weights_NL, grad_out_ND)
 
 
 class WeightedBagFunction(torch.autograd.Function):
@@ -167,11 +231,9 @@ class WeightedBagFunction(torch.autograd.Function):
         ctx.save_for_backward(values_KD, indices_NL, weights_NL)
         ctx.backend = backend
         with torch.autocast(values_KD.device.type, enabled=False):
-            if _use_triton(values_KD, backend):
+            if use_triton(values_KD, backend):
                 return _fwd(values_KD, indices_NL, weights_NL)
-            if values_KD.dtype == torch.float64 or indices_NL.shape[1] == 0:  # embedding_bag refuses empty bags
-                return naive.weighted_bag_forward(values_KD, indices_NL, weights_NL)
-            return F.embedding_bag(indices_NL, values_KD, per_sample_weights=weights_NL.to(values_KD.dtype), mode="sum")
+            return torch_fwd(values_KD, indices_NL, weights_NL)
 
     @staticmethod
     def backward(ctx, grad_out_ND: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:  # type: ignore[override]
@@ -180,11 +242,10 @@ class WeightedBagFunction(torch.autograd.Function):
         if not (want_gv or want_gw):
             return None, None, None, None
         grad_out_ND = grad_out_ND.contiguous()
-        if _use_triton(values_KD, ctx.backend):
+        if use_triton(values_KD, ctx.backend):
             rows_U, grad_rows_UD, grad_weights_NL = _bwd(values_KD, indices_NL, weights_NL, grad_out_ND, want_gv, want_gw)
         else:
-            torch_backward = sparse_cpu.weighted_bag_backward if values_KD.device.type == "cpu" else naive.weighted_bag_backward
-            rows_U, grad_rows_UD, grad_weights_NL = torch_backward(values_KD, indices_NL, weights_NL, grad_out_ND)
+            rows_U, grad_rows_UD, grad_weights_NL = torch_bwd(values_KD, indices_NL, weights_NL, grad_out_ND)
         grad_values = None
         if want_gv:
             grad_values = torch.sparse_coo_tensor(

@@ -4,10 +4,13 @@
     scatter: table[rows[u]] = values[u]
     update: one optimizer step of the rows (lazy Adam or rowwise Adagrad, `lingua.optim.update_rows_`)
             read from the table and its moments and written back, with the table's low-precision copy
+    slot values: the rows a zero-copy bag reads per slot: buffer[s] for the C slots the device
+            buffer holds, table[slot_rows[s]] for the overflow slots s >= C (the two-source bag of
+            `embedding_bag.triton_bag` with an `Overflow` must equal the plain bag over these)
 
 The Triton kernels in `kernels.py` must agree with these; CPU tables take these functions (the
 CPU path of zero-copy values), the tests run the kernels on CPU through the Triton interpreter.
-Shapes: S slots, R table rows, D row width, U rows written.
+Shapes: S slots, R table rows, D row width, U rows written, C buffer rows.
 """
 
 from __future__ import annotations
@@ -36,3 +39,10 @@ def update_rows(table_RD: Tensor, low_precision_RD: Tensor | None, moments: tupl
     p_rows = update_rows_(table_RD, moments, step)
     if low_precision_RD is not None:
         low_precision_RD.index_copy_(0, step.rows, p_rows.to(low_precision_RD.dtype))
+
+
+def slot_values(buffer_CD: Tensor, table_RD: Tensor, slot_rows_S: Tensor, n_slots: int) -> Tensor:
+    """[n_slots, D] in the buffer's dtype: the buffer's C rows, then the table rows of slots
+    C..n_slots-1 (the overflow slots; -1 slots give zeros)."""
+    overflow = gather_rows(table_RD, slot_rows_S[buffer_CD.shape[0] : n_slots], buffer_CD.dtype)
+    return torch.cat([buffer_CD, overflow])

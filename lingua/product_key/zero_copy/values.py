@@ -5,31 +5,39 @@ The table (fp32 master, plus a bf16 copy when `zero_copy_transfer=bf16` halves t
 and its optimizer state are host tensors from `HostMemory`; they never move, whatever `.to()`,
 `.cuda()` or `to_empty()` the model goes through (the module materializes them on its first
 `_apply` and ignores later ones). A forward:
-  1. dedups the N*L looked-up rows on the compute device (sort + scan; no host sync: the buffer
-     has min(N*L, R) slots, the most unique rows there can be, so its size is known without
-     counting them; the U unique rows come first, empty slots hold row -1),
-  2. gathers the unique rows from host memory into a device buffer (`kernels.gather_rows`: a
-     Triton kernel over UVA on CUDA, torch indexing on CPU),
-  3. runs the weighted bag (`weighted_embedding_bag`) on the buffer with remapped indices.
-The buffer is kept for the bag's backward: [min(N*L, R), V] in the master dtype. Its backward leaves a row-sparse gradient (unique table rows, their summed gradients) on the
+  1. dedups the N*L looked-up rows on the compute device (sort + scan, no host sync): each lookup
+     gets the slot of its row, the U unique rows taking slots 0..U-1 in row order; U stays on the
+     device,
+  2. gathers the rows of the first C slots from host memory into a [C, V] device buffer
+     (`kernels.gather_rows`: a Triton kernel over UVA on CUDA, torch indexing on CPU). The capacity
+     C (`capacity.BufferCapacity`) follows the unique-row counts of earlier calls, read back
+     without a sync: about margin x U, never more than min(N*L, R),
+  3. runs the weighted bag on the buffer; lookups of the overflow slots (>= C, when U > C) read
+     their rows from the host table instead (the two-source bag of `embedding_bag.triton_bag`; on
+     the torch backend the overflow rows are gathered beside the buffer), so the result is exact
+     for any U, and the overflow is counted, warned about and covered by the next capacity.
+The buffer is kept for the bag's backward, which reads value rows for the score gradient from the
+same two sources. The backward leaves a row-sparse gradient (unique table rows, their summed gradients) on the
 compute device in `weight.host_rows.grad`: the optimizer (lingua.optim.AdamW) clips, reduces
 across data-parallel ranks and applies it to the touched rows only, reading and writing the host
-rows through `HostRows`. Memory on the compute device scales with the tokens (bounded by the table's
-rows), never with the table's width times the lookups.
+rows through `HostRows`. Memory on the compute device scales with the unique rows a step reads,
+never with the table's size nor with the lookups.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from lingua.optim import RowStep
-from lingua.product_key.embedding_bag import Backend, weighted_embedding_bag
+from lingua.product_key.embedding_bag import Backend, triton_bag
+from lingua.product_key.zero_copy import naive
+from lingua.product_key.zero_copy.capacity import BufferCapacity
 from lingua.product_key.zero_copy.host import HostMemory, check_host_capacity
-from lingua.product_key.zero_copy.kernels import gather_rows, scatter_rows, update_rows
+from lingua.product_key.zero_copy.kernels import HostPointer, gather_rows, scatter_rows, update_rows
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +45,17 @@ TransferDtype = Literal["fp32", "bf16"]
 UpdatePlace = Literal["device", "host"]
 
 
-def dedup_rows(rows_P: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
-    """(slot_rows [S], inverse [P]) of flat row ids in [0, n_rows), with no host sync.
+class Dedup(NamedTuple):
+    """The unique rows of a bag's lookups, on the compute device."""
 
-    S = min(P, n_rows), a bound on the unique rows U known without counting them. slot_rows holds
-    the sorted unique rows in its first U slots and -1 after them; inverse maps each lookup to its
-    slot: slot_rows[inverse] == rows_P."""
+    slot_rows: Tensor  # [S] S = min(P, R): sorted unique rows in slots 0..U-1, -1 after them
+    inverse: Tensor  # [P] each lookup's slot: slot_rows[inverse] == rows
+    n_unique: Tensor  # [] int64 U, left on the device
+
+
+def dedup_rows(rows_P: Tensor, n_rows: int) -> Dedup:
+    """The unique rows of flat row ids in [0, n_rows), with no host sync: S = min(P, n_rows) slots
+    bound U without counting them; U itself stays a device scalar."""
     sorted_rows, order = torch.sort(rows_P)
     is_new = torch.ones_like(sorted_rows, dtype=torch.bool)
     is_new[1:] = sorted_rows[1:] != sorted_rows[:-1]
@@ -50,7 +63,8 @@ def dedup_rows(rows_P: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     inverse = torch.empty_like(rows_P).scatter_(0, order, slot_of_sorted)
     slot_rows = rows_P.new_full((min(rows_P.numel(), n_rows),), -1)
     slot_rows.scatter_(0, slot_of_sorted, sorted_rows)  # slot ids < U <= S; duplicates write equal values
-    return slot_rows, inverse
+    n_unique = slot_of_sorted[-1] + 1 if rows_P.numel() > 0 else rows_P.new_zeros(())
+    return Dedup(slot_rows, inverse, n_unique.to(torch.int64))
 
 
 class HostRows:
@@ -68,6 +82,7 @@ class HostRows:
         self.low_precision = low_precision
         self.update_on = update_on
         self.grad: Tensor | None = None  # sparse COO [R, V] on the compute device
+        self.updates = 0  # optimizer steps taken (the forward buffer's capacity changes between them)
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         """Optimizer state in host memory (shared by the node's ranks)."""
@@ -101,36 +116,67 @@ class HostRows:
         table = self.weight.view(self.weight.shape[0], -1)
         moments = (moments[0].view(table.shape), moments[1].view(table.shape)) if moments else None
         update_rows(table, self.low_precision, moments, step)
+        self.updates += 1
 
     def sync(self) -> None:
         """Wait until every rank of the node finished writing its rows (before the next read)."""
         self.memory.barrier()
 
 
-class _GatherHostRows(torch.autograd.Function):
-    """buffer [S, V] = table rows of slot_rows (zeros for -1 slots), on slot_rows' device; the
-    backward turns the buffer's sparse gradient into table rows and stores it in host_rows."""
+def _overflow(source_RV: Tensor, slot_rows_S: Tensor, capacity: int) -> triton_bag.Overflow | None:
+    """The bag kernels' second source: slots >= capacity read the (host) table; None without overflow slots."""
+    if capacity >= slot_rows_S.numel():
+        return None
+    table = HostPointer(source_RV) if slot_rows_S.is_cuda and not source_RV.is_cuda else source_RV
+    return triton_bag.Overflow(table, source_RV.stride(0), slot_rows_S, capacity)
+
+
+def _slot_values(buffer_CV: Tensor, source_RV: Tensor, slot_rows_S: Tensor, n_unique: Tensor) -> Tensor:
+    """Torch backend: the buffer, then the overflow slots' rows read from the table (U is read:
+    free on CPU; on CUDA this reference path syncs when the buffer can overflow)."""
+    if buffer_CV.shape[0] >= slot_rows_S.numel():
+        return buffer_CV
+    n_slots = int(n_unique)
+    return buffer_CV if n_slots <= buffer_CV.shape[0] else naive.slot_values(buffer_CV, source_RV, slot_rows_S, n_slots)
+
+
+class _ZeroCopyBag(torch.autograd.Function):
+    """out [N, V] = sum_l weights[n, l] * table[rows[n, l]], from a [C, V] device buffer of the first
+    C unique rows and the host table for the rest (see module docstring). The backward returns the
+    weights' gradient and leaves the table's row-sparse gradient in host_rows."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, slot_rows: Tensor, host: HostRows) -> Tensor:  # type: ignore[override]
-        ctx.host = host
-        ctx.save_for_backward(slot_rows)
+    def forward(  # type: ignore[override]
+        ctx, weights_NL: Tensor, weight: Tensor, slots_NL: Tensor, dedup: Dedup, capacity: int, host: HostRows, backend: Backend,
+    ) -> Tensor:
         source = host.low_precision if host.low_precision is not None else weight
-        return gather_rows(source, slot_rows, weight.dtype)
+        buffer_CV = gather_rows(source, dedup.slot_rows[:capacity], weight.dtype)
+        ctx.save_for_backward(buffer_CV, slots_NL, weights_NL, dedup.slot_rows, dedup.n_unique)
+        ctx.host, ctx.source, ctx.backend = host, source, backend
+        with torch.autocast(buffer_CV.device.type, enabled=False):
+            if triton_bag.use_triton(buffer_CV, backend):
+                return triton_bag._fwd(buffer_CV, slots_NL, weights_NL, _overflow(source, dedup.slot_rows, capacity))
+            return triton_bag.torch_fwd(_slot_values(buffer_CV, source, dedup.slot_rows, dedup.n_unique), slots_NL, weights_NL)
 
     @staticmethod
-    def backward(ctx, grad_buffer: Tensor) -> tuple[None, None, None]:  # type: ignore[override]
-        (slot_rows,) = ctx.saved_tensors
-        if grad_buffer.is_sparse:
-            grad_buffer = grad_buffer.coalesce()
-            slots, values = grad_buffer.indices()[0], grad_buffer.values()
+    def backward(ctx, grad_out_NV: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:  # type: ignore[override]
+        buffer_CV, slots_NL, weights_NL, slot_rows_S, n_unique = ctx.saved_tensors
+        want_gw, want_gv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (want_gv or want_gw):
+            return None, None, None, None, None, None, None
+        grad_out_NV = grad_out_NV.contiguous()
+        if triton_bag.use_triton(buffer_CV, ctx.backend):
+            overflow = _overflow(ctx.source, slot_rows_S, buffer_CV.shape[0])
+            slots_U, grad_rows_UV, grad_weights_NL = triton_bag._bwd(buffer_CV, slots_NL, weights_NL, grad_out_NV, want_gv, want_gw, overflow)
         else:
-            slots = torch.arange(grad_buffer.shape[0], device=grad_buffer.device)[slot_rows >= 0]
-            values = grad_buffer[slots]
-        rows = slot_rows[slots]  # slots are sorted, and so are their rows (sorted unique)
-        shape = tuple(ctx.host.weight.shape)
-        ctx.host.accumulate(torch.sparse_coo_tensor(rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False))
-        return None, None, None
+            values = _slot_values(buffer_CV, ctx.source, slot_rows_S, n_unique)
+            slots_U, grad_rows_UV, grad_weights_NL = triton_bag.torch_bwd(values, slots_NL, weights_NL, grad_out_NV)
+        if want_gv:  # slots are sorted unique, and so are their rows
+            shape, dtype = tuple(ctx.host.weight.shape), buffer_CV.dtype
+            rows = slot_rows_S[slots_U].unsqueeze(0)
+            ctx.host.accumulate(torch.sparse_coo_tensor(rows, grad_rows_UV.to(dtype), shape, is_coalesced=True, check_invariants=False))
+        grad_weights = grad_weights_NL.to(weights_NL.dtype) if want_gw else None
+        return grad_weights, None, None, None, None, None, None
 
 
 class ZeroCopyValues(nn.Module):
@@ -142,13 +188,16 @@ class ZeroCopyValues(nn.Module):
     def __init__(
         self, n_rows: int, v_dim: int, lr: float | None, weight_decay: float | None, update: str, lr_schedule: bool,
         transfer: TransferDtype = "fp32", update_on: UpdatePlace = "device", dtype: torch.dtype = torch.float32,
+        buffer_margin: float = 1.25, first_buffer_rows: int = 0,
     ) -> None:
-        """dtype: of the master table (fp32; fp64 for gradchecks)."""
+        """dtype: of the master table (fp32; fp64 for gradchecks). buffer_margin, first_buffer_rows:
+        the forward buffer's capacity (see `capacity.BufferCapacity`)."""
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_rows, v_dim, device="meta", dtype=dtype))  # no memory until materialized
         self.lr, self.weight_decay, self.update, self.lr_schedule = lr, weight_decay, update, lr_schedule
         self.transfer = transfer
         self.update_on = update_on
+        self.capacity = BufferCapacity(buffer_margin, first_buffer_rows)
         self.host: HostRows | None = None
 
     def materialize(self, share_with_node: bool = False) -> None:
@@ -199,12 +248,21 @@ class ZeroCopyValues(nn.Module):
 
     @torch.compiler.disable
     def bag(self, rows_NL: Tensor, weights_NL: Tensor, backend: Backend) -> Tensor:
-        """[N, V] weighted bag of the table's rows (see module docstring), on rows' device."""
+        """[N, V] weighted bag of the table's rows (see module docstring), on rows' device.
+        rows [N, L] integer in [0, R), weights [N, L] floating."""
         self.materialize()
         assert self.host is not None
-        slot_rows, inverse = dedup_rows(rows_NL.reshape(-1), self.weight.shape[0])
-        buffer = _GatherHostRows.apply(self.weight, slot_rows, self.host)
-        return weighted_embedding_bag(buffer, inverse.view(rows_NL.shape), weights_NL, backend)
+        if rows_NL.dim() != 2 or weights_NL.shape != rows_NL.shape:
+            raise ValueError(f"expected rows [N, L] and weights [N, L], got {tuple(rows_NL.shape)} and {tuple(weights_NL.shape)}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend={backend!r}: use 'auto', 'triton' or 'torch'")
+        n_rows = self.weight.shape[0]
+        dedup = dedup_rows(rows_NL.reshape(-1), n_rows)
+        capacity = self.capacity.choose(rows_NL.numel(), n_rows, self.host.updates)
+        if rows_NL.numel() > 0:
+            self.capacity.record(dedup.n_unique, capacity)
+        slots_NL = dedup.inverse.view(rows_NL.shape)
+        return _ZeroCopyBag.apply(weights_NL.contiguous(), self.weight, slots_NL, dedup, capacity, self.host, backend)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]} x {self.weight.shape[1]} in host memory, transfer {self.transfer}, update on {self.update_on}"
