@@ -3,7 +3,8 @@
 An app hands `train()` its config (a subclass of `TrainArgs` that adds a `model` section) and a
 `ModelSpec`: how to build its model for a vocabulary, its parameter groups and its FLOPs per token.
 The loop owns everything else: seeds, data, precision, gradient accumulation, clipping once per
-optimizer step, validation, metrics, profiling, checkpoints with exact resume.
+optimizer step, validation, metrics, profiling, checkpoints with exact resume (a rerun's config
+checked against its checkpoint's first, lingua.resume).
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                 "(raise steps to continue it, or use another dump_dir for a new run)", cfg.name, latest, decision.step, cfg.steps,
             )
             _end_distributed()
-            return TrainResult(decision.step, None, {}, {}, [], dump_dir, latest)
+            return TrainResult(step=decision.step, preempted_by=None, losses={}, val_losses={}, skipped_steps=[], dump_dir=dump_dir, last_checkpoint=latest)
     logger.info(
         "run %s: dump_dir %s | metrics %s | config %s | checkpoints %s",
         cfg.name, dump_dir, metric_path(dump_dir), dump_dir / "config.yaml", checkpoint_dir,
