@@ -146,13 +146,12 @@ class ResumeDecision:
     source: Path | None  # the file its config came from
     applied: list[Change] = field(default_factory=list)  # harmless changes, applied
     refused: list[Change] = field(default_factory=list)  # changes needing checkpoint.force_resume=true
-    forced: bool = False
 
     def refusal(self, dump_dir: Path) -> str:
         listed = ", ".join(str(change) for change in self.refused)
         return (
             f"{dump_dir} holds a run at step {self.step} (checkpoint {self.folder}), and this config changes what it trains: "
-            f"{listed} (was {self.source}); use another dump_dir to start a new run, "
+            f"{listed} (old values from {self.source}); use another dump_dir to start a new run, "
             f"or add {FORCE_KEY}=true to continue this checkpoint with the new values"
         )
 
@@ -161,7 +160,7 @@ def check_resume(new: dict, folder: Path, dump_dir: Path, force: bool) -> Resume
     """Compare the config of a rerun with the one `folder` was written under; raises ConfigError
     naming every refused change (unless `force`), before anything is written."""
     old, source = saved_config(folder, dump_dir)
-    decision = ResumeDecision(step=int(folder.name), folder=folder, source=source, forced=force)
+    decision = ResumeDecision(step=int(folder.name), folder=folder, source=source)
     if old is None:
         logger.warning("checkpoint %s has no readable params.json and %s no config.yaml: its config cannot be compared", folder, dump_dir)
         return decision
