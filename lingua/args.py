@@ -242,7 +242,8 @@ def _command_help(cls: type, config_key: str | None) -> str:
 
 def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None, config_key: str | None = CONFIG_KEY) -> Any:
     """Parse `cls` from the command line and call `main(cfg)`. Bad input (an `InputError`, from
-    the config or found later, e.g. a missing file) prints one line and exits with code 2.
+    the config or found later, e.g. a missing file) prints one line and exits with code 2; Ctrl-C
+    that `main` does not handle prints one line and exits with code 130.
     `--help` prints every config key (type, default, comment); `print_config=true` prints the
     resolved config; both exit 0 without running anything."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -263,4 +264,7 @@ def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None, config_
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 

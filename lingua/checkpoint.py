@@ -57,6 +57,7 @@ class CheckpointArgs:
     eval: SaveEvery = field(default_factory=SaveEvery)  # checkpoints kept for evaluation
     path: str | None = None  # where checkpoints go; None: <dump_dir>/checkpoints
     init_ckpt_path: str | None = None  # start from these weights (model only) when dump_dir has no checkpoint
+    force_resume: bool = False  # resume even when the config changes the model, data or optimization of the checkpoint's run (lingua/resume.py: KEY_RULES); without it such a rerun stops, naming each change
 
     def __post_init__(self) -> None:
         for name in ("dump", "eval"):

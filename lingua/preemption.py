@@ -1,9 +1,11 @@
-"""Preemption: SIGTERM, SIGUSR1 and SIGUSR2 make training save a checkpoint and stop cleanly.
+"""Preemption and Ctrl-C: SIGTERM, SIGUSR1, SIGUSR2 and SIGINT make training save a checkpoint and stop cleanly.
 
 SLURM sends SIGUSR1/SIGUSR2 ahead of a time limit (`--signal`) and SIGTERM on preemption or
-cancel. The handler only sets a flag; the trainer checks it after every step (with several
-ranks, every `check_every` steps: agreeing costs an all-reduce and a host sync), saves, and, for
-a time-limit signal under SLURM, requeues the job so it continues from that checkpoint.
+cancel; Ctrl-C sends SIGINT. The handler only sets a flag; the trainer checks it after every step
+(with several ranks, every `check_every` steps: agreeing costs an all-reduce and a host sync),
+saves, and, for a time-limit signal under SLURM, requeues the job so it continues from that
+checkpoint. A second Ctrl-C raises KeyboardInterrupt at once (the checkpoint being written, if
+any, is left unpublished).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # time limit ahead: save, requeue
-STOP_SIGNALS = (signal.SIGTERM,)  # preempted or cancelled: save, stop
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # preempted, cancelled or Ctrl-C: save, stop
 
 
 class PreemptionWatcher:
@@ -32,12 +34,17 @@ class PreemptionWatcher:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if self.received is None:
-            logger.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+            again = " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else ""
+            logger.warning("received %s: saving a checkpoint at the end of this step%s", signal.Signals(signum).name, again)
         self.received = signum
 
     def __enter__(self) -> "PreemptionWatcher":
         for signum in REQUEUE_SIGNALS + STOP_SIGNALS:
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # started with Ctrl-C ignored (e.g. in the background): keep it so
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

@@ -1,6 +1,7 @@
 """SLURM launching through submitit: `python -m lingua.stool script=apps.main.train config=... nodes=2`.
 
-Resolves and validates the run's config before submitting, writes it to `<dump_dir>/config.yaml`,
+Resolves and validates the run's config before submitting (a dump_dir holding checkpoints takes
+only the config changes its resume accepts, lingua.resume), writes it to `<dump_dir>/config.yaml`,
 snapshots the code into `<dump_dir>/code` (the job imports it from there, so later edits do not
 leak into a running job), and submits one task per GPU. SLURM signals the job `signal_delay_s`
 before its time limit; training then saves a checkpoint and requeues itself (lingua.preemption),
@@ -19,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lingua.args import ConfigError, cli_main, dump_config, load_config
+from lingua.args import ConfigError, cli_main, dump_config, load_config, to_dict
+from lingua.checkpoint import step_dirs
+from lingua.resume import check_resume
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +156,22 @@ def executor_parameters(args: StoolArgs, name: str) -> dict[str, Any]:
     return params
 
 
+def _check_rerun(cfg: Any, dump_dir: Path) -> None:
+    """A dump_dir holding checkpoints gets a rerun of its run: refuse, before config.yaml is
+    rewritten, a config the job's resume would refuse (lingua.resume)."""
+    checkpoint = getattr(cfg, "checkpoint", None)
+    if checkpoint is None:
+        return
+    folders = step_dirs(Path(checkpoint.path or dump_dir / "checkpoints"))
+    if folders:
+        check_resume(to_dict(cfg), folders[-1], dump_dir, checkpoint.force_resume)
+
+
 def launch(args: StoolArgs) -> str | None:
     """Validate, dump and submit; returns the SLURM job id (None for a dry run)."""
     cfg = load_config(config_class(args.script), args.config, args.overrides)
     dump_dir = Path(cfg.dump_dir).resolve()
+    _check_rerun(cfg, dump_dir)
     repo = Path(__file__).resolve().parents[1]
     code_dir = dump_dir / "code" if args.copy_code else None
     params = executor_parameters(args, cfg.name)

@@ -3,7 +3,8 @@
 An app hands `train()` its config (a subclass of `TrainArgs` that adds a `model` section) and a
 `ModelSpec`: how to build its model for a vocabulary, its parameter groups and its FLOPs per token.
 The loop owns everything else: seeds, data, precision, gradient accumulation, clipping once per
-optimizer step, validation, metrics, profiling, checkpoints with exact resume.
+optimizer step, validation, metrics, profiling, checkpoints with exact resume (a rerun's config
+checked against its checkpoint's first, lingua.resume).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -41,9 +42,11 @@ from lingua.metrics import LoggingArgs, MetricLogger, NullLogger, RecentStepRate
 from lingua.optim import OptimArgs, ParamGroupSpec, all_reduce_row_grads, build_optimizer, clip_gradients
 from lingua.preemption import REQUEUE_SIGNALS, PreemptionWatcher, requeue_slurm_job
 from lingua.profiling import ProfilerArgs, maybe_profile
+from lingua.resume import check_resume, log_resume
 from lingua.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger("lingua")
+T = TypeVar("T")
 
 
 @dataclass
@@ -223,13 +226,24 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     data_state = init_dataloader_state(cfg.data, dp_rank, dp_size)
     dump_dir = Path(cfg.dump_dir)
     checkpoint_dir = Path(cfg.checkpoint.path or dump_dir / "checkpoints")
-    dump_dir.mkdir(parents=True, exist_ok=True)
-    if env.is_main:
-        dump_config(cfg, dump_dir / "config.yaml")
-        logger.info(
-            "run %s: dump_dir %s | metrics %s | config %s | checkpoints %s",
-            cfg.name, dump_dir, metric_path(dump_dir), dump_dir / "config.yaml", checkpoint_dir,
-        )
+    checkpoints = CheckpointManager(cfg.checkpoint, checkpoint_dir)
+    latest = checkpoints.latest_sound()
+    # A rerun is checked against the config its checkpoint was written under before anything is written.
+    if latest is not None:
+        decision = _decided_on_main(lambda: check_resume(to_dict(cfg), latest, dump_dir, cfg.checkpoint.force_resume))
+        if decision.step >= cfg.steps:
+            logger.info(
+                "run %s is complete: checkpoint %s is at step %d of steps=%d, nothing to train "
+                "(raise steps to continue it, or use another dump_dir for a new run)", cfg.name, latest, decision.step, cfg.steps,
+            )
+            _end_distributed()
+            return TrainResult(step=decision.step, preempted_by=None, losses={}, val_losses={}, skipped_steps=[], dump_dir=dump_dir, last_checkpoint=latest)
+    logger.info(
+        "run %s: dump_dir %s | metrics %s | config %s | checkpoints %s",
+        cfg.name, dump_dir, metric_path(dump_dir), dump_dir / "config.yaml", checkpoint_dir,
+    )
+    if latest is not None and env.is_main:
+        log_resume(decision)
     _seed_everything(cfg.seed + env.rank)
 
     model = _build_model(cfg, spec, tokenizer, env, mesh)
@@ -237,9 +251,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.steps, groups)
     logger.info("model: %s parameters on %s, world size %d (data-parallel %d)", f"{_count_params(model):,}", env.device, env.world_size, dp_size)
 
-    checkpoints = CheckpointManager(cfg.checkpoint, checkpoint_dir)
     step = 0
-    latest = checkpoints.latest_sound()
     if latest is not None:
         state = checkpoints.load(latest, model, optimizer)
         step = state["step"]
@@ -247,6 +259,10 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     elif cfg.checkpoint.init_ckpt_path:
         load_model_weights(cfg.checkpoint.init_ckpt_path, model)
         logger.info("initialized weights from %s", cfg.checkpoint.init_ckpt_path)
+    # The run continues: its config is the dump_dir's from here on.
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        dump_config(cfg, dump_dir / "config.yaml")
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.grad_acc_steps  # per data-parallel rank
     flops_per_gpu_token = spec.flops_per_token(model, cfg.data.seq_len) / cfg.distributed.tp_size
@@ -339,14 +355,40 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                     metrics.log({"step": step, **record})
             if stop_signal is not None:
                 result.preempted_by = signal.Signals(stop_signal).name
+                if env.is_main:
+                    logger.warning(
+                        "stopped by %s at step %d: checkpoint %s holds it; the same command resumes from there",
+                        result.preempted_by, step, result.last_checkpoint,
+                    )
                 if stop_signal in REQUEUE_SIGNALS and env.is_main:
                     requeue_slurm_job()
                 break
     result.step = step
+    _end_distributed()
+    return result
+
+
+def _decided_on_main(decide: Callable[[], T]) -> T:
+    """`decide()` run on rank 0, its outcome (a value, or the exception it raised) handed to every
+    rank: all ranks go on, or all raise the same error, before the next collective."""
+    outcome: list[Any] = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            outcome[0] = (decide(), None)
+        except Exception as error:
+            outcome[0] = (None, error)
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    value, error = outcome[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def _end_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return result
 
 
 def _evaluate(spec: ModelSpec, cfg: TrainArgs, folder: Path, step: int, env: DistributedEnv) -> dict[str, float]:
