@@ -72,6 +72,8 @@ KEY_RULES: dict[str, Rule] = {
     "model": "refused",
     "model.attn_impl": "harmless",
     "model.productkey_args.bag_backend": "harmless",
+    "model.productkey_args.zero_copy_buffer_margin": "harmless",  # buffer size only: overflow rows are read exactly
+    "model.productkey_args.zero_copy_first_buffer_rows": "harmless",
     "model.leaky_impl": "harmless",
     "model.leaky_chunk_size": "harmless",
     "model.v2.key_scan_impl": "harmless",

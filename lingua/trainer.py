@@ -113,6 +113,12 @@ class TrainResult:
     dump_dir: Path
     last_checkpoint: Path | None
 
+    @property
+    def exit_code(self) -> int:
+        """The training command's exit status: 130 (interrupted, as shells report Ctrl-C) after a
+        Ctrl-C save, so `train && eval` stops there; 0 otherwise (a SIGTERM / SIGUSR1 save included)."""
+        return 130 if self.preempted_by == "SIGINT" else 0
+
 
 def _seed_everything(seed: int) -> None:
     import random

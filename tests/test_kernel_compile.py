@@ -44,7 +44,7 @@ def _cases():
         overflows = [(False, v)] + ([(True, "fp32"), (True, "bf16")] if v == "fp32" else [(True, v)])
         for dim in (1024, 96):
             block_d = triton_bag._block_d(dim)
-            for has_overflow, t in overflows:
+            for has_overflow, t in overflows if dim == 1024 else overflows[:1]:  # overflow reads: the masks of D=96 are the plain kernels'
                 second = {"T": f"*{t}", "T_ROWS": "*i64", "stride_t": "i32", "capacity": "i32"}
                 name = f" overflow table {t}" if has_overflow else ""
                 yield (
@@ -54,6 +54,8 @@ def _cases():
                     {"D": dim, "OVERFLOW": has_overflow, "ACC": acc, "BLOCK_L": triton_bag.FWD_BLOCK_L, "BLOCK_D": block_d},
                 )
                 for want_gv, want_gw in ((True, True), (True, False), (False, True)):
+                    if has_overflow and not want_gw:
+                        continue  # the overflow table is read only for the score gradient
                     yield (
                         f"bag backward {v} D={dim} value-grad={want_gv} score-grad={want_gw}{name}",
                         triton_bag._bag_bwd_kernel,

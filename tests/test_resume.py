@@ -133,13 +133,13 @@ def test_finished_run_says_so_and_writes_nothing(corpus, run_dir, caplog, steps)
 
 def test_ctrl_c_saves_at_the_step_end_and_the_rerun_resumes(corpus, tmp_path):
     """SIGINT to the whole process group, as a terminal sends it (the data producer ignores it):
-    the step ends, a checkpoint is saved, one line names it, exit 0; the rerun resumes from it."""
+    the step ends, a checkpoint is saved, one line names it, exit 130; the rerun resumes from it."""
     dump_dir = tmp_path / "run"
     process = start_cli(run_args(corpus, dump_dir, "steps=100000", "checkpoint.dump.every=100000", "data.load_async=true"))
     wait_until(lambda: len(logged(dump_dir)) >= 2, process)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 130, stderr[-3000:]
     assert "received SIGINT: saving a checkpoint at the end of this step" in stderr and "Traceback" not in stderr
     saved = step_dirs(dump_dir / "checkpoints")
     step = max(logged(dump_dir))

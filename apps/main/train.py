@@ -119,10 +119,10 @@ def check_host_memory(cfg: MainTrainArgs) -> None:
         check_host_capacity(needed, "model.productkey_args.zero_copy=true (value tables and their optimizer state)", shared)
 
 
-def main(cfg: MainTrainArgs) -> None:
+def main(cfg: MainTrainArgs) -> int:
     check_host_memory(cfg)
-    train(cfg, MODEL_SPEC)
+    return train(cfg, MODEL_SPEC).exit_code
 
 
 if __name__ == "__main__":
-    cli_main(MainTrainArgs, main)
+    raise SystemExit(cli_main(MainTrainArgs, main))

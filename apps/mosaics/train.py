@@ -52,9 +52,9 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
 MODEL_SPEC = ModelSpec(build=build_model, flops_per_token=model_flops_per_token)
 
 
-def main(cfg: MosaicsTrainArgs) -> None:
-    train(cfg, MODEL_SPEC)
+def main(cfg: MosaicsTrainArgs) -> int:
+    return train(cfg, MODEL_SPEC).exit_code
 
 
 if __name__ == "__main__":
-    cli_main(MosaicsTrainArgs, main)
+    raise SystemExit(cli_main(MosaicsTrainArgs, main))
