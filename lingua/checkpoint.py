@@ -23,7 +23,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ CONSOLIDATED_FILE = "consolidated.pth"
 
 @dataclass
 class SaveEvery:
+    RANGES: ClassVar[dict[str, str]] = {"every": ">= 0", "keep": "any"}
+
     every: int = 0  # save every this many steps (0: never, except the final step for dumps)
     keep: int = 0  # keep the newest this many of these checkpoints (<= 0: keep all)
 
@@ -57,11 +59,6 @@ class CheckpointArgs:
     eval: SaveEvery = field(default_factory=SaveEvery)  # checkpoints kept for evaluation
     path: str | None = None  # where checkpoints go; None: <dump_dir>/checkpoints
     init_ckpt_path: str | None = None  # start from these weights (model only) when dump_dir has no checkpoint
-
-    def __post_init__(self) -> None:
-        for name in ("dump", "eval"):
-            if getattr(self, name).every < 0:
-                raise ValueError(f"checkpoint.{name}.every must be >= 0")
 
 
 @contextlib.contextmanager

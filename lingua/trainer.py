@@ -13,7 +13,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lingua.args import ConfigError, dump_config, to_dict
+from lingua.args import dump_config, to_dict
 from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights, rng_state, set_rng_state
 from lingua.data import DataArgs, DataLoaderState, build_dataloader, init_dataloader_state, iter_validation_batches, prepare_sources
 from lingua.distributed import (
@@ -48,6 +48,8 @@ logger = logging.getLogger("lingua")
 
 @dataclass
 class ValidationArgs:
+    RANGES: ClassVar[dict[str, str]] = {"every": ">= 0", "max_batches": "any", "batch_size": ">= 1"}
+
     every: int = 0  # validation loss every this many steps, and at the start and end (0: never)
     max_batches: int = 20  # batches per source (None-like: <= 0 reads every val line once)
     batch_size: int | None = None  # None: data.batch_size
@@ -56,6 +58,8 @@ class ValidationArgs:
 @dataclass
 class TrainArgs:
     """Everything a training run needs except the model; apps subclass it with a `model` field."""
+
+    RANGES: ClassVar[dict[str, str]] = {"seed": ">= 0", "steps": ">= 1", "grad_acc_steps": ">= 1", "preemption_check_every": ">= 1"}
 
     name: str = "debug"  # run name (metrics, wandb)
     dump_dir: str = ""  # config, metrics and checkpoints go here; empty: runs/<name>
@@ -76,12 +80,6 @@ class TrainArgs:
     def __post_init__(self) -> None:
         if not self.dump_dir:
             self.dump_dir = f"runs/{self.name}"
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.grad_acc_steps < 1:
-            raise ValueError(f"grad_acc_steps must be >= 1, got {self.grad_acc_steps}")
-        if self.preemption_check_every < 1:
-            raise ConfigError(f"preemption_check_every={self.preemption_check_every} must be >= 1")
 
 
 @dataclass(frozen=True)

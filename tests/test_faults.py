@@ -190,6 +190,7 @@ def _previous_run(dump_dir: Path) -> dict[str, str]:
         ("wrong tokenizer file", ["data.tokenizer.name=sp", "data.tokenizer.path={not_a_model}"], "{not_a_model}"),
         ("config typo", ["optim.lrr=1"], "did you mean 'optim.lr'"),
         ("wrong type", ["steps=many"], "'steps'"),
+        ("value out of range", ["checkpoint.dump.every=-1"], "config error: checkpoint.dump.every=-1 must be >= 0"),
         ("seq_len beyond the model", ["data.seq_len=64"], "model.max_seqlen"),
         ("memory knn above n_keys", [*PK, "model.productkey_args.mem_knn=64"], "mem_knn=64 exceeds mem_n_keys=16"),
         ("memory odd k_dim", [*PK, "model.productkey_args.mem_k_dim=15"], "mem_k_dim=15 must be even"),

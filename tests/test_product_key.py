@@ -103,7 +103,7 @@ def test_value_weight_decay_null_follows_optim_weight_decay():
     decay = {group["name"]: group["weight_decay"] for group in optimizer.param_groups}
     assert decay["memory_values"] == 0.07 and decay["decay"] == 0.07
     with pytest.raises(ConfigError, match="value_weight_decay"):
-        ProductKeyArgs(value_weight_decay=-0.1)
+        config_from_dict(ProductKeyArgs, {"value_weight_decay": -0.1})
 
 
 def test_every_tensor_initialized_after_meta_build():
