@@ -39,6 +39,11 @@ class ConfigError(InputError):
     """A config that cannot be used: the message names the key, the value and the fix."""
 
 
+class RunError(RuntimeError):
+    """A run stopped by its environment, not its input (a full or read-only disk while saving):
+    commands print the message alone, naming what failed and why, and exit 1."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Ranges. A spec is "any", or alternatives joined by " or ", each a bound (">= 1", "> 0", "< 1"),
 # an interval ("[0, 1)", "(0, 1]") or one exact number ("-1", a sentinel such as "take it from
@@ -336,7 +341,8 @@ def _command_help(cls: type, config_key: str | None) -> str:
 
 def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None, config_key: str | None = CONFIG_KEY) -> Any:
     """Parse `cls` from the command line and call `main(cfg)`. Bad input (an `InputError`, from
-    the config or found later, e.g. a missing file) prints one line and exits with code 2.
+    the config or found later, e.g. a missing file) prints one line and exits with code 2; a
+    `RunError` (e.g. a disk that filled up) prints one line and exits with code 1.
     `--help` prints every config key (type, default, comment); `print_config=true` prints the
     resolved config; both exit 0 without running anything."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -357,4 +363,7 @@ def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None, config_
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 

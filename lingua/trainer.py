@@ -22,7 +22,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lingua.args import dump_config, to_dict
-from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights, rng_state, set_rng_state
+from lingua.checkpoint import (
+    CheckpointArgs, CheckpointManager, check_writable, load_model_weights, resolve_init_weights, rng_state, set_rng_state, step_dirs,
+)
 from lingua.data import DataArgs, DataLoaderState, build_dataloader, init_dataloader_state, iter_validation_batches, prepare_sources
 from lingua.distributed import (
     DistributedArgs,
@@ -221,6 +223,11 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     data_state = init_dataloader_state(cfg.data, dp_rank, dp_size)
     dump_dir = Path(cfg.dump_dir)
     checkpoint_dir = Path(cfg.checkpoint.path or dump_dir / "checkpoints")
+    check_writable(dump_dir, "dump_dir")
+    if cfg.checkpoint.path:
+        check_writable(checkpoint_dir, "checkpoint.path")
+    init_ckpt = cfg.checkpoint.init_ckpt_path
+    init_weights = resolve_init_weights(init_ckpt) if init_ckpt and not step_dirs(checkpoint_dir) else None  # used only without a checkpoint to resume
     dump_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         dump_config(cfg, dump_dir / "config.yaml")
@@ -242,9 +249,9 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
         state = checkpoints.load(latest, model, optimizer)
         step = state["step"]
         data_state = _restore(state, scheduler, data_state)
-    elif cfg.checkpoint.init_ckpt_path:
-        load_model_weights(cfg.checkpoint.init_ckpt_path, model)
-        logger.info("initialized weights from %s", cfg.checkpoint.init_ckpt_path)
+    elif init_weights is not None:
+        load_model_weights(init_weights, model)
+        logger.info("initialized weights from %s", init_weights)
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.grad_acc_steps  # per data-parallel rank
     flops_per_gpu_token = spec.flops_per_token(model, cfg.data.seq_len) / cfg.distributed.tp_size
