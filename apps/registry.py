@@ -68,8 +68,9 @@ def app_of_yaml(path: str, overrides: list[str]) -> tuple[App, Any]:
     return app_of_config(lambda cls: load_config(cls, path, overrides), f"config '{path}'")
 
 
-def app_of_checkpoint(ckpt: str) -> tuple[App, Any]:
-    """The app and training config of a checkpoint (run dump_dir, checkpoint folder, consolidated)."""
-    _, params = resolve_checkpoint(ckpt)
+def app_of_checkpoint(ckpt: str, key: str = "ckpt") -> tuple[App, Any]:
+    """The app and training config of a checkpoint (run dump_dir, checkpoint folder, consolidated);
+    `key` is the config key that named it (in the error when it names none)."""
+    _, params = resolve_checkpoint(ckpt, key)
     data = json.loads(params.read_text())
     return app_of_config(lambda cls: config_from_dict(cls, data, source=str(params)), f"checkpoint '{ckpt}' ({params})")

@@ -142,11 +142,11 @@ def test_config_validation_names_the_key():
         (dict(layers="1,x"), "comma-separated integers"),
         (dict(layers="1,1"), "twice"),
         (dict(peer_variant=True, mem_v_dim=16), "peer_variant=true needs mem_v_dim=-1"),
-        (dict(mem_query_dropout=1.0), "mem_query_dropout"),
+        (dict(mem_query_dropout=1.0), r"mem_query_dropout=1.0 must be in \[0, 1\)"),
     ]
     for fields, message in cases:
         with pytest.raises(ConfigError, match=message):
-            ProductKeyArgs(**{**SMALL_PK, "layers": "1", **fields})
+            config_from_dict(ProductKeyArgs, {**SMALL_PK, "layers": "1", **fields})
     with pytest.raises(ConfigError, match=r"ids \[3\] are outside the 3 blocks"):
         lm_args(layers="0,3")
 
