@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from apps.main import train as main_train
 from apps.mosaics import train as mosaics_train
-from lingua.args import ConfigError, InputError, config_from_dict, load_config
+from lingua.args import ConfigError, config_from_dict, load_config
 from lingua.checkpoint import resolve_checkpoint
 from lingua.tokenizer import Tokenizer
 
@@ -68,11 +68,9 @@ def app_of_yaml(path: str, overrides: list[str]) -> tuple[App, Any]:
     return app_of_config(lambda cls: load_config(cls, path, overrides), f"config '{path}'")
 
 
-def app_of_checkpoint(ckpt: str) -> tuple[App, Any]:
-    """The app and training config of a checkpoint (run dump_dir, checkpoint folder, consolidated)."""
-    try:
-        _, params = resolve_checkpoint(ckpt)
-    except FileNotFoundError as error:
-        raise InputError(str(error)) from None
+def app_of_checkpoint(ckpt: str, key: str = "ckpt") -> tuple[App, Any]:
+    """The app and training config of a checkpoint (run dump_dir, checkpoint folder, consolidated);
+    `key` is the config key that named it (in the error when it names none)."""
+    _, params = resolve_checkpoint(ckpt, key)
     data = json.loads(params.read_text())
     return app_of_config(lambda cls: config_from_dict(cls, data, source=str(params)), f"checkpoint '{ckpt}' ({params})")

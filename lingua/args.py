@@ -6,17 +6,24 @@ plus a command line into a validated instance, strictly: an unknown key, a value
 type or a required value left unset raises `ConfigError` naming the full dotted key (and, for a
 typo, the closest valid key) before any work starts. A config class may name, in a
 `DERIVED_DEFAULTS` class variable, keys that take another key's value when no file or override sets
-them. The resolved config is dumped as YAML that `load_config` reads back unchanged.
+them. Every numeric field declares the values it accepts in a `RANGES` class variable
+({"steps": ">= 1", "dropout": "[0, 1)", "vocab_size": ">= 1 or -1", "seed": "any"}); a value
+outside its range is a `ConfigError` naming the full dotted key, checked before any
+`__post_init__` runs (which then checks only what involves several keys). The resolved config is
+dumped as YAML that `load_config` reads back unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
+import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
@@ -30,6 +37,93 @@ class InputError(ValueError):
 
 class ConfigError(InputError):
     """A config that cannot be used: the message names the key, the value and the fix."""
+
+
+class RunError(RuntimeError):
+    """A run stopped by its environment, not its input (a full or read-only disk while saving):
+    commands print the message alone, naming what failed and why, and exit 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranges. A spec is "any", or alternatives joined by " or ", each a bound (">= 1", "> 0", "< 1"),
+# an interval ("[0, 1)", "(0, 1]") or one exact number ("-1", a sentinel such as "take it from
+# the tokenizer"). NaN is outside every range but "any".
+
+RANGES_ATTR = "RANGES"
+ANY_RANGE = "any"
+_BOUND = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda x, b: x >= b, ">": lambda x, b: x > b, "<=": lambda x, b: x <= b, "<": lambda x, b: x < b,
+}
+
+
+def _number(text: str, spec: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"range {spec!r}: {text!r} is not a number") from None
+
+
+def _alternative(text: str, spec: str) -> Callable[[float], bool]:
+    if bound := _BOUND.match(text):
+        compare, limit = _COMPARE[bound.group(1)], _number(bound.group(2), spec)
+        return lambda x: compare(x, limit)
+    if interval := _INTERVAL.match(text):
+        low, high = _number(interval.group(2), spec), _number(interval.group(3), spec)
+        above = _COMPARE[">=" if interval.group(1) == "[" else ">"]
+        below = _COMPARE["<=" if interval.group(4) == "]" else "<"]
+        return lambda x: above(x, low) and below(x, high)
+    exact = _number(text, spec)
+    return lambda x: x == exact
+
+
+def parse_range(spec: str) -> Callable[[float], bool]:
+    """The membership test of a range spec; ValueError for a malformed spec."""
+    if spec.strip() == ANY_RANGE:
+        return lambda x: True
+    tests = [_alternative(part.strip(), spec) for part in spec.split(" or ")]
+    return lambda x: not math.isnan(x) and any(test(x) for test in tests)
+
+
+def ranges_of(cls: type) -> dict[str, str]:
+    """field name -> range spec of a config class, its dataclass bases' `RANGES` included."""
+    ranges: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        ranges.update(vars(klass).get(RANGES_ATTR, {}))
+    return ranges
+
+
+def range_text(spec: str) -> str:
+    """How a message words a range: "in [0, 1)", ">= 1 or -1"."""
+    return f"in {spec}" if spec[:1] in "[(" else spec
+
+
+def _check_ranges(node: Any, prefix: str = "") -> None:
+    """Every numeric value of a resolved config against its field's range (nested sections and
+    lists of sections included), naming the full dotted key of the first one outside it."""
+    if isinstance(node, ListConfig) and not node._is_missing() and not node._is_none():
+        for i in range(len(node)):
+            _check_ranges(node._get_node(i), f"{prefix.rstrip('.')}[{i}].")
+        return
+    if not isinstance(node, DictConfig) or node._is_missing() or node._is_none():
+        return
+    cls = OmegaConf.get_type(node)
+    ranges = ranges_of(cls) if isinstance(cls, type) and dataclasses.is_dataclass(cls) else {}
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)):
+            _check_ranges(child, f"{prefix}{key}.")
+            continue
+        spec = ranges.get(str(key))
+        if spec is None:
+            continue
+        try:
+            value = node[key]
+        except OmegaConfBaseException:  # an interpolation that does not resolve: to_object reports it
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not parse_range(spec)(value):
+            raise ConfigError(f"{prefix}{key}={value} must be {range_text(spec)}")
 
 
 def _known_keys(node: Any, prefix: str = "") -> list[str]:
@@ -105,10 +199,15 @@ def _check_missing(cfg: DictConfig, source: str) -> None:
 
 def _to_object(cfg: DictConfig, cls: type[T], source: str) -> T:
     _check_missing(cfg, source)
+    _check_ranges(cfg)
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as error:
         raise _explain(error, cfg, source) from None
+    except InputError:
+        raise
+    except ValueError as error:  # a __post_init__ check: the same one line as every other config error
+        raise ConfigError(str(error)) from None
     assert isinstance(obj, cls)
     return obj
 
@@ -242,8 +341,9 @@ def _command_help(cls: type, config_key: str | None) -> str:
 
 def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None, config_key: str | None = CONFIG_KEY) -> Any:
     """Parse `cls` from the command line and call `main(cfg)`. Bad input (an `InputError`, from
-    the config or found later, e.g. a missing file) prints one line and exits with code 2; Ctrl-C
-    that `main` does not handle prints one line and exits with code 130.
+    the config or found later, e.g. a missing file) prints one line and exits with code 2; a
+    `RunError` (e.g. a disk that filled up) prints one line and exits with code 1; Ctrl-C that
+    `main` does not handle prints one line and exits with code 130.
     `--help` prints every config key (type, default, comment); `print_config=true` prints the
     resolved config; both exit 0 without running anything."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -267,4 +367,7 @@ def cli_main(cls: type[T], main: Any, argv: Sequence[str] | None = None, config_
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 

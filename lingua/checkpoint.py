@@ -20,10 +20,11 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lingua.args import InputError, config_from_dict
+from lingua.args import ConfigError, InputError, RunError, config_from_dict
 from lingua.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ CONSOLIDATED_FILE = "consolidated.pth"
 
 @dataclass
 class SaveEvery:
+    RANGES: ClassVar[dict[str, str]] = {"every": ">= 0", "keep": "any"}
+
     every: int = 0  # save every this many steps (0: never, except the final step for dumps)
     keep: int = 0  # keep the newest this many of these checkpoints (<= 0: keep all)
 
@@ -59,11 +62,6 @@ class CheckpointArgs:
     init_ckpt_path: str | None = None  # start from these weights (model only) when dump_dir has no checkpoint
     force_resume: bool = False  # resume even when the config changes the model, data or optimization of the checkpoint's run (lingua/resume.py: KEY_RULES); without it such a rerun stops, naming each change
 
-    def __post_init__(self) -> None:
-        for name in ("dump", "eval"):
-            if getattr(self, name).every < 0:
-                raise ValueError(f"checkpoint.{name}.every must be >= 0")
-
 
 @contextlib.contextmanager
 def _single_process_quiet() -> Iterator[None]:
@@ -73,8 +71,12 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint that cannot be written; the message names the folder and the cause."""
+
+
+class MissingCheckpointError(InputError):
+    """A checkpoint path (ckpt=, checkpoint.init_ckpt_path) that names no checkpoint."""
 
 
 class CorruptCheckpointError(InputError):
@@ -233,13 +235,16 @@ class CheckpointManager:
                     shutil.rmtree(final_dir)
                 os.replace(partial, final_dir)
                 _fsync_dir(self.path)
-        except OSError as error:
+        except (OSError, CheckpointException) as error:  # DCP reports a writer's OSError inside a CheckpointException
+            cause = _os_error(error)
+            if cause is None:
+                raise
             if _rank() == 0:
                 shutil.rmtree(partial, ignore_errors=True)
             previous = self.latest()
             raise CheckpointError(
-                f"cannot write checkpoint {final_dir}: {error.strerror or error}"
-                + (f"; the previous checkpoint {previous} is kept" if previous else "")
+                f"cannot write checkpoint {final_dir}: {cause.strerror or cause}"
+                + (f"; the previous checkpoint {previous} is kept" if previous else "; no earlier checkpoint exists")
             ) from error
         if _rank() == 0:
             self.prune()
@@ -304,10 +309,13 @@ class CheckpointManager:
         return train_state
 
 
-def resolve_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
+def resolve_checkpoint(ckpt: str | Path, key: str = "ckpt") -> tuple[Path, Path]:
     """(weights: a checkpoint folder or .pth file, params.json) for a run's dump_dir, a checkpoints
-    root (its newest), a checkpoint folder, or a consolidated folder or file."""
+    root (its newest), a checkpoint folder, or a consolidated folder or file. A path that names
+    none raises MissingCheckpointError naming `key` and the path."""
     path = Path(ckpt)
+    if not path.exists():
+        raise MissingCheckpointError(f"{key}='{ckpt}' does not exist; pass a run's dump_dir, a checkpoint folder or a consolidated file")
     if path.is_file():
         return path, path.parent / PARAMS_FILE
     for candidate in (path, path / "checkpoints"):
@@ -318,7 +326,33 @@ def resolve_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
     for params in (path / PARAMS_FILE, path / CONSOLIDATED_DIR / PARAMS_FILE):
         if params.is_file():
             return path, params  # load_model_weights prefers a consolidated file inside the folder
-    raise FileNotFoundError(f"ckpt='{ckpt}' holds no checkpoint (no {PARAMS_FILE} found); pass a run's dump_dir or a checkpoint folder")
+    raise MissingCheckpointError(f"{key}='{ckpt}' holds no checkpoint (no {PARAMS_FILE} found); pass a run's dump_dir or a checkpoint folder")
+
+
+def resolve_init_weights(path: str | Path, key: str = "checkpoint.init_ckpt_path") -> Path:
+    """The weights a run starts from: a safetensors model folder (a Hugging Face Llama, a
+    `python -m lingua.hf export`) as it is, else what `resolve_checkpoint` finds (a run's dump_dir:
+    its newest checkpoint). MissingCheckpointError naming `key` when it names none."""
+    from lingua.hf.folders import is_model_folder
+
+    if is_model_folder(Path(path)):
+        return Path(path)
+    return resolve_checkpoint(path, key)[0]
+
+
+def check_writable(folder: str | Path, key: str) -> None:
+    """ConfigError naming `key` unless files can be created in `folder` (or, while it does not
+    exist yet, in its nearest existing parent); writes nothing that stays."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"{key}='{folder}' is not usable: {existing} is a file, not a folder; choose another {key}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"{key}='{folder}' is not writable: {existing}: {error.strerror or error}; choose another {key}") from None
 
 
 def load_trained_model(
@@ -360,7 +394,7 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
         load_model_weights(consolidated, model)
         return
     if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"'{path}' is neither a checkpoint folder nor a consolidated .pth file")
+        raise MissingCheckpointError(f"'{path}' is neither a checkpoint folder nor a consolidated .pth file")
     model_state = {k: v for k, v in model.state_dict().items()}
     with _single_process_quiet():
         dcp.load({"model": model_state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
@@ -384,6 +418,15 @@ def consolidate(folder: str | Path) -> Path:
     if (folder / PARAMS_FILE).is_file():
         shutil.copyfile(folder / PARAMS_FILE, out_dir / PARAMS_FILE)
     return out_dir / CONSOLIDATED_FILE
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write: the error itself, or the first one DCP gathered."""
+    if isinstance(error, OSError):
+        return error
+    failures = error.failures.values() if isinstance(error, CheckpointException) else []
+    causes = [failure[0] if isinstance(failure, tuple) else failure for failure in failures]
+    return next((cause for cause in causes if isinstance(cause, OSError)), None)
 
 
 def _first_cause(error: BaseException) -> str:

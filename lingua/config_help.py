@@ -1,7 +1,7 @@
 """`--help` of every command: its config sections read from the config dataclasses themselves.
 
-Each key is listed with its type, its default and the comment that documents it where it is
-declared (the trailing `# ...` of the field, or a docstring right below it), so the help cannot
+Each key is listed with its type, the values it accepts (its `RANGES` entry), its default and
+the comment that documents it where it is declared (the trailing `# ...` of the field, or a docstring right below it), so the help cannot
 drift from the code. `lingua.args.cli_main` prints `config_help(cls)` for `--help` / `-h`.
 """
 
@@ -120,7 +120,10 @@ def _module_name(cls: type) -> str:
 def _entries(cls: type, defaults: Any, prefix: str, derived: dict[str, str], lines: list[str]) -> None:
     """Lines for the fields of `cls`; `defaults` is the section's default instance (a nested
     section's factory may set other values than the class declares), or None."""
+    from lingua.args import ANY_RANGE, range_text, ranges_of
+
     comments = field_comments(cls)
+    ranges = ranges_of(cls)
     hints = _hints(cls)
     leaves = [f for f in dataclasses.fields(cls) if _nested_class(hints.get(f.name, f.type)) is None]
     sections = [f for f in dataclasses.fields(cls) if _nested_class(hints.get(f.name, f.type)) is not None]
@@ -128,7 +131,9 @@ def _entries(cls: type, defaults: Any, prefix: str, derived: dict[str, str], lin
         key = prefix + field.name
         value = getattr(defaults, field.name) if defaults is not None else _default(field)
         default = f"follows {derived[key]}" if key in derived else _render_value(value)
-        lines.append(f"  {key}: {type_name(hints.get(field.name, field.type))} = {default}")
+        spec = ranges.get(field.name, ANY_RANGE)
+        accepted = "" if spec == ANY_RANGE else f" ({range_text(spec)})"
+        lines.append(f"  {key}: {type_name(hints.get(field.name, field.type))}{accepted} = {default}")
         if field.name in comments:
             lines.append(f"      {comments[field.name]}")
     for field in sections:

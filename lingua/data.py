@@ -20,7 +20,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from itertools import count, islice
 from pathlib import Path
-from typing import IO, Any, Iterator, Literal, NamedTuple
+from typing import IO, Any, ClassVar, Iterator, Literal, NamedTuple
 
 import fsspec
 import numpy as np
@@ -51,6 +51,8 @@ class DataError(InputError):
 
 @dataclass
 class DataArgs:
+    RANGES: ClassVar[dict[str, str]] = {"batch_size": ">= 1", "seq_len": ">= 1", "n_views": ">= 2", "seed": ">= 0", "prefetch_size": ">= 1"}
+
     root_dir: str = "data"  # folder (or fsspec URL) holding one sub-folder of jsonl shards per source
     sources: dict[str, float] = field(default_factory=lambda: {SYNTHETIC_SOURCE: 1.0})  # source -> weight (normalized)
     batch_size: int = 4  # sequences per batch on each data-parallel rank
@@ -68,13 +70,6 @@ class DataArgs:
     def __post_init__(self) -> None:
         if not self.root_dir:
             raise ConfigError("data.root_dir is empty; set it to the folder that holds the source folders")
-        for key in ("batch_size", "seq_len", "prefetch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
-        if self.n_views < 2:
-            raise ConfigError(f"data.n_views={self.n_views} must be >= 2 (2 gives input and target)")
-        if self.seed < 0:
-            raise ConfigError(f"data.seed={self.seed} must be >= 0")
         if self.bad_lines not in ("fail", "skip"):
             raise ConfigError(f"data.bad_lines='{self.bad_lines}' must be 'fail' or 'skip'")
         if not self.sources:

@@ -16,7 +16,7 @@ import random
 import subprocess
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DistributedArgs:
+    RANGES: ClassVar[dict[str, str]] = {"dp_shard": ">= 1", "dp_replicate": ">= 1", "tp_size": ">= 1", "memory_parallel_size": ">= 1", "timeout_s": ">= 1"}
+
     dp_shard: int = 1  # ranks a parameter is sharded over (FSDP); the rest replicate
     dp_replicate: int = 1  # replica groups; dp_replicate * dp_shard * tp_size = world size (fixed up if not)
     tp_size: int = 1  # tensor-parallel degree
@@ -48,9 +50,6 @@ class DistributedArgs:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self) -> None:
-        for key in ("dp_shard", "dp_replicate", "tp_size", "memory_parallel_size", "timeout_s"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"distributed.{key}={getattr(self, key)} must be >= 1")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("distributed.device=cuda but no CUDA device is visible; use distributed.device=auto or cpu")
 

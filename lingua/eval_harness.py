@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,10 @@ DEFAULT_TASKS: list[Any] = ["hellaswag", "piqa", {"task": "nq_open", "num_fewsho
 
 @dataclass
 class HarnessArgs:
+    RANGES: ClassVar[dict[str, str]] = {
+        "num_fewshot": ">= 0", "limit": "> 0", "batch_size": ">= 1", "max_gen_toks": ">= 1", "bootstrap_iters": ">= 0", "seed": ">= 0",
+    }
+
     # Each entry: a task name (a YAML in task_dirs, else any lm-eval task or group), a path to a task
     # YAML, or {task: name, num_fewshot: k}.
     tasks: list[Any] = field(default_factory=lambda: list(DEFAULT_TASKS))
@@ -64,33 +68,24 @@ class HarnessArgs:
             raise ConfigError("harness.tasks is empty; give at least one task, e.g. harness.tasks=[synthetic_mc]")
         for i, spec in enumerate(self.tasks):
             _task_spec(spec, f"harness.tasks[{i}]")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise ConfigError(f"harness.num_fewshot={self.num_fewshot} must be >= 0 (or null)")
-        if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"harness.limit={self.limit} must be > 0 (or null for every document)")
-        for key in ("batch_size", "max_gen_toks"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"harness.{key}={getattr(self, key)} must be >= 1")
 
 
 @dataclass
 class ValidationEvalArgs:
+    RANGES: ClassVar[dict[str, str]] = {"max_batches": ">= 1", "batch_size": ">= 1"}
+
     run: bool = True  # compute loss and perplexity per source on the *.val.jsonl shards
     root_dir: str | None = None  # where the val shards are; None: the checkpoint's data.root_dir
     sources: list[str] = field(default_factory=list)  # sources to evaluate; empty: the checkpoint's data.sources
     max_batches: int | None = 20  # batches per source; None: every val line once
     batch_size: int = 8  # sequences per batch (of the checkpoint's data.seq_len)
 
-    def __post_init__(self) -> None:
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ConfigError(f"validation.max_batches={self.max_batches} must be >= 1 (or null for all)")
-        if self.batch_size < 1:
-            raise ConfigError(f"validation.batch_size={self.batch_size} must be >= 1")
-
 
 @dataclass
 class GeneratorCompatArgs:
     """The `generator` section of the public Memory Layers configs' `eval`: EvalArgs reads it into its own keys."""
+
+    RANGES: ClassVar[dict[str, str]] = {"max_gen_len": ">= 1", "max_tokens": "any", "temperature": "any", "top_p": "any", "top_k": "any"}  # no effect but max_gen_len
 
     dtype: Literal["fp32", "bf16"] | None = None  # sets eval.dtype
     max_gen_len: int | None = None  # sets harness.max_gen_toks (new tokens of generation tasks that give none)
@@ -103,6 +98,8 @@ class GeneratorCompatArgs:
 @dataclass
 class EvalArgs:
     """An eval command's config, and the `eval` section a training config may carry."""
+
+    RANGES: ClassVar[dict[str, str]] = {"global_step": ">= 0", "seed": ">= 0"}
 
     name: str = "eval"  # run name (metric records)
     ckpt: str = ""  # run dump_dir, checkpoints root, checkpoint folder, or consolidated folder/file

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # tokens [B, T] (long, on the
 
 @dataclass
 class ExtrapolationArgs:
+    RANGES: ClassVar[dict[str, str]] = {"windows": ">= 1", "bucket": ">= 0", "batch_size": ">= 1"}
+
     factors: list[int] = field(default_factory=lambda: [1, 2, 4])  # window lengths, in multiples of the training data.seq_len
     windows: int = 8  # windows of the longest length per source; a length f times shorter reads f times as many (same tokens)
     bucket: int = 0  # positions per bucket; 0: a quarter of the training length
@@ -40,11 +42,6 @@ class ExtrapolationArgs:
         self.factors = sorted(self.factors)
         if any(self.factors[-1] % f for f in self.factors):
             raise ConfigError(f"extrapolation.factors={self.factors}: each must divide the largest, so every length reads the same tokens")
-        for key in ("windows", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"extrapolation.{key}={getattr(self, key)} must be >= 1")
-        if self.bucket < 0:
-            raise ConfigError(f"extrapolation.bucket={self.bucket} must be >= 1 (or 0 for a quarter of the training length)")
 
 
 @torch.no_grad()

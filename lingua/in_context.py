@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from lm_eval.api.instance import Instance
@@ -29,6 +29,8 @@ STORY_END = "\n\nQ: "  # a synthetic_mc context: story, blank line, answered que
 
 @dataclass
 class InContextArgs:
+    RANGES: ClassVar[dict[str, str]] = {"limit": ">= 1", "batch_size": ">= 1"}
+
     task_file: str = str(LOCAL_TASKS_DIR / "synthetic_mc.test.jsonl")  # docs in the synthetic_mc format (id "<story>-<k>", ctx, endings, label)
     shots: list[int] = field(default_factory=lambda: [0, 1, 2])  # answered questions of the same story before the one asked
     limit: int | None = None  # stories to use (None: every story with enough questions)
@@ -38,10 +40,6 @@ class InContextArgs:
         if not self.shots or any(k < 0 for k in self.shots) or len(set(self.shots)) != len(self.shots):
             raise ConfigError(f"in_context.shots={self.shots}: give distinct counts >= 0, e.g. [0, 1, 2]")
         self.shots = sorted(self.shots)
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"in_context.limit={self.limit} must be >= 1 (or null for every story)")
-        if self.batch_size < 1:
-            raise ConfigError(f"in_context.batch_size={self.batch_size} must be >= 1")
 
 
 @dataclass(frozen=True)

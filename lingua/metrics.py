@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 
@@ -43,13 +43,11 @@ class WandbArgs:
 
 @dataclass
 class LoggingArgs:
+    RANGES: ClassVar[dict[str, str]] = {"freq": ">= 1", "peak_flops": "> 0"}
+
     freq: int = 10  # print and record metrics every this many optimizer steps
     peak_flops: float | None = None  # device peak FLOP/s for MFU; None: known GPUs by name, no MFU on CPU
     wandb: WandbArgs | None = None  # set (e.g. logging.wandb.project=x) to also log to wandb
-
-    def __post_init__(self) -> None:
-        if self.freq < 1:
-            raise ValueError(f"logging.freq must be >= 1, got {self.freq}")
 
 
 def device_peak_flops(configured: float | None) -> float | None:

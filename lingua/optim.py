@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Callable, ClassVar, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.adam import adam as functional_adam
 from torch.optim.lr_scheduler import LambdaLR
 
-from lingua.args import ConfigError
 
 SchedulerName = Literal["constant", "linear", "inv_sqrt", "cosine", "wsd"]
 RowUpdate = Literal["lazy", "dense", "rowwise_adagrad"]  # update rule of a row-sparse group (see AdamW)
@@ -32,6 +31,12 @@ RowUpdate = Literal["lazy", "dense", "rowwise_adagrad"]  # update rule of a row-
 
 @dataclass
 class OptimArgs:
+    RANGES: ClassVar[dict[str, str]] = {
+        "lr": "> 0", "weight_decay": ">= 0", "epsilon": "> 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "clip": ">= 0",
+        "warmup": ">= 0", "lr_min_ratio": "[0, 1]", "cycle_length": "> 0", "cosine_theta": "> 0", "decay_fraction": "(0, 1]",
+        "exp_factor": "> 0", "annealing_step": "any",
+    }
+
     lr: float = 3e-4  # base (peak) learning rate
     weight_decay: float = 0.1  # decoupled AdamW decay of matrices (1-D params and embeddings: see decay_norms_and_biases, decay_embeddings)
     epsilon: float = 1e-8  # Adam epsilon
@@ -50,23 +55,6 @@ class OptimArgs:
     annealing_step: int | None = None  # accepted for compatibility with the public Memory Layers configs; no effect (no schedule reads it there either)
     decay_embeddings: bool = False  # also apply weight decay to nn.Embedding tables
     decay_norms_and_biases: bool = False  # also apply weight decay to 1-D params (norm gains, biases), as the public Meta Lingua / Memory Layers code does
-
-    def __post_init__(self) -> None:
-        positive = {"lr": self.lr, "epsilon": self.epsilon, "cycle_length": self.cycle_length}
-        positive |= {"cosine_theta": self.cosine_theta, "exp_factor": self.exp_factor}
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"optim.{key}={value} must be positive")
-        for key in ("weight_decay", "clip", "warmup"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"optim.{key}={getattr(self, key)} must be >= 0")
-        for key in ("beta1", "beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
-        if not 0 <= self.lr_min_ratio <= 1:
-            raise ConfigError(f"optim.lr_min_ratio={self.lr_min_ratio} must be in [0, 1]")
-        if not 0 < self.decay_fraction <= 1:
-            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
 
 
 @dataclass

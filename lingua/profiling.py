@@ -12,7 +12,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
@@ -22,16 +22,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ProfilerArgs:
+    RANGES: ClassVar[dict[str, str]] = {"profile_warmup": ">= 0", "profile_steps": ">= 1", "mem_warmup": ">= 0", "mem_steps": ">= 1"}
+
     run: bool = False  # record a trace window (and a memory snapshot on GPU)
     trace_folder: str = "profiling"  # under dump_dir
     profile_warmup: int = 10  # steps before the traced window starts (counted from the run's first step)
     profile_steps: int = 2  # traced steps
     mem_warmup: int = 5  # steps before the CUDA memory history starts recording (0: from the first step)
     mem_steps: int = 2  # steps recorded in the memory snapshot
-
-    def __post_init__(self) -> None:
-        if self.profile_steps < 1 or self.mem_steps < 1 or self.profile_warmup < 0 or self.mem_warmup < 0:
-            raise ValueError("profiling: warmups must be >= 0 and profile_steps, mem_steps >= 1")
 
 
 class _Window:

@@ -18,7 +18,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lingua.args import ConfigError, cli_main, dump_config, load_config, to_dict
 from lingua.checkpoint import step_dirs
@@ -32,6 +32,8 @@ CODE_SUFFIXES = (".py", ".yaml")
 
 @dataclass
 class StoolArgs:
+    RANGES: ClassVar[dict[str, str]] = {"nodes": ">= 1", "ngpus": ">= 0", "ntasks_per_node": ">= 1", "ncpu": ">= 1", "time": ">= 1 or -1", "signal_delay_s": ">= 0"}
+
     script: str = "apps.main.train"  # module whose `main(cfg)` every task runs
     config: str = "???"  # the run's YAML config
     overrides: list[str] = field(default_factory=list)  # a.b=c overrides of the run's config
@@ -49,15 +51,6 @@ class StoolArgs:
     signal_delay_s: int = 120  # the time-limit signal comes this long before the limit: save and requeue
     copy_code: bool = True  # run from a snapshot of the code in <dump_dir>/code
     dry_run: bool = False  # print what would be submitted, submit nothing, write nothing
-
-    def __post_init__(self) -> None:
-        for key in ("nodes", "ncpu"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.ngpus < 0:
-            raise ConfigError(f"ngpus={self.ngpus} must be >= 0")
-        if self.ntasks_per_node is not None and self.ntasks_per_node < 1:
-            raise ConfigError(f"ntasks_per_node={self.ntasks_per_node} must be >= 1")
 
     @property
     def tasks_per_node(self) -> int:

@@ -14,7 +14,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -22,8 +22,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lingua.args import ConfigError, dump_config, to_dict
-from lingua.checkpoint import CheckpointArgs, CheckpointManager, load_model_weights, rng_state, set_rng_state
+from lingua.args import dump_config, to_dict
+from lingua.checkpoint import (
+    CheckpointArgs, CheckpointManager, check_writable, load_model_weights, resolve_init_weights, rng_state, set_rng_state,
+)
 from lingua.data import DataArgs, DataLoaderState, build_dataloader, init_dataloader_state, iter_validation_batches, prepare_sources
 from lingua.distributed import (
     DistributedArgs,
@@ -51,6 +53,8 @@ T = TypeVar("T")
 
 @dataclass
 class ValidationArgs:
+    RANGES: ClassVar[dict[str, str]] = {"every": ">= 0", "max_batches": "any", "batch_size": ">= 1"}
+
     every: int = 0  # validation loss every this many steps, and at the start and end (0: never)
     max_batches: int = 20  # batches per source (None-like: <= 0 reads every val line once)
     batch_size: int | None = None  # None: data.batch_size
@@ -59,6 +63,8 @@ class ValidationArgs:
 @dataclass
 class TrainArgs:
     """Everything a training run needs except the model; apps subclass it with a `model` field."""
+
+    RANGES: ClassVar[dict[str, str]] = {"seed": ">= 0", "steps": ">= 1", "grad_acc_steps": ">= 1", "preemption_check_every": ">= 1"}
 
     name: str = "debug"  # run name (metrics, wandb)
     dump_dir: str = ""  # config, metrics and checkpoints go here; empty: runs/<name>
@@ -79,12 +85,6 @@ class TrainArgs:
     def __post_init__(self) -> None:
         if not self.dump_dir:
             self.dump_dir = f"runs/{self.name}"
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.grad_acc_steps < 1:
-            raise ValueError(f"grad_acc_steps must be >= 1, got {self.grad_acc_steps}")
-        if self.preemption_check_every < 1:
-            raise ConfigError(f"preemption_check_every={self.preemption_check_every} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,11 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
             )
             _end_distributed()
             return TrainResult(step=decision.step, preempted_by=None, losses={}, val_losses={}, skipped_steps=[], dump_dir=dump_dir, last_checkpoint=latest)
+    check_writable(dump_dir, "dump_dir")
+    if cfg.checkpoint.path:
+        check_writable(checkpoint_dir, "checkpoint.path")
+    init_ckpt = cfg.checkpoint.init_ckpt_path
+    init_weights = resolve_init_weights(init_ckpt) if init_ckpt and latest is None else None  # used only without a checkpoint to resume
     logger.info(
         "run %s: dump_dir %s | metrics %s | config %s | checkpoints %s",
         cfg.name, dump_dir, metric_path(dump_dir), dump_dir / "config.yaml", checkpoint_dir,
@@ -262,9 +267,9 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
         state = checkpoints.load(latest, model, optimizer)
         step = state["step"]
         data_state = _restore(state, scheduler, data_state)
-    elif cfg.checkpoint.init_ckpt_path:
-        load_model_weights(cfg.checkpoint.init_ckpt_path, model)
-        logger.info("initialized weights from %s", cfg.checkpoint.init_ckpt_path)
+    elif init_weights is not None:
+        load_model_weights(init_weights, model)
+        logger.info("initialized weights from %s", init_weights)
     # The run continues: its config is the dump_dir's from here on.
     dump_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:

@@ -14,7 +14,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,11 @@ InitStdFactor = Literal["disabled", "global_depth", "current_depth", "dim_ratio"
 
 @dataclass
 class BaseTransformerArgs:
+    RANGES: ClassVar[dict[str, str]] = {
+        "dim": ">= 1", "n_layers": ">= 1", "head_dim": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1", "ffn_dim_multiplier": "> 0",
+        "multiple_of": ">= 1", "norm_eps": "> 0", "rope_theta": "> 0", "init_base_std": "> 0", "max_seqlen": ">= 1",
+    }
+
     dim: int = 256  # model width E
     n_layers: int = 4  # number of transformer blocks
     head_dim: int | None = None  # per-head width; None: dim // n_heads
@@ -50,9 +55,6 @@ class BaseTransformerArgs:
     doc_mask: bool = False  # packed documents do not attend to each other; positions restart per document
 
     def __post_init__(self) -> None:
-        for key in ("dim", "n_layers", "n_heads", "multiple_of", "max_seqlen"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key}={getattr(self, key)} must be positive")
         if self.head_dim is None and self.dim % self.n_heads != 0:
             raise ConfigError(
                 f"dim={self.dim} is not divisible by n_heads={self.n_heads}: "
@@ -60,16 +62,8 @@ class BaseTransformerArgs:
             )
         if self.resolved_head_dim <= 0 or self.resolved_head_dim % 2 != 0:
             raise ConfigError(f"head_dim={self.resolved_head_dim} must be a positive even number (RoPE rotates pairs)")
-        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads != 0):
-            raise ConfigError(
-                f"n_kv_heads={self.n_kv_heads} must be a positive divisor of n_heads={self.n_heads}"
-            )
-        for key in ("ffn_dim_multiplier", "init_base_std"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key}={value} must be positive or null")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError(f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be positive")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
 
     @property
     def resolved_head_dim(self) -> int:

@@ -27,14 +27,14 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 # command -> (keys its help must document with their type, default and comment)
 COMMANDS = {
-    "apps.main.train": ["  data.seq_len: int = 256", "      tokens per sequence", "  model.max_seqlen: int = follows data.seq_len",
-                        "  checkpoint.dump.every: int = 1000", "  optim.scheduler: one of constant|linear|inv_sqrt|cosine|wsd = 'cosine'"],
-    "apps.main.eval": ["  ckpt: str = ''", "  harness.batch_size: int = 8", "  validation.max_batches: int or null = 20"],
-    "apps.main.generate": ["  ckpt: str = required", "  generator.max_gen_len: int ="],
-    "apps.mosaics.train": ["  model.leaky_impl:", "  data.batch_size: int = 4"],
+    "apps.main.train": ["  data.seq_len: int (>= 1) = 256", "      tokens per sequence", "  model.max_seqlen: int (>= 1) = follows data.seq_len",
+                        "  checkpoint.dump.every: int (>= 0) = 1000", "  optim.beta2: float (in [0, 1)) = 0.95", "  model.vocab_size: int (>= 1 or -1) = -1", "  optim.scheduler: one of constant|linear|inv_sqrt|cosine|wsd = 'cosine'"],
+    "apps.main.eval": ["  ckpt: str = ''", "  harness.batch_size: int (>= 1) = 8", "  validation.max_batches: int or null (>= 1) = 20"],
+    "apps.main.generate": ["  ckpt: str = required", "  generator.max_gen_len: int (>= 1) ="],
+    "apps.mosaics.train": ["  model.leaky_impl:", "  data.batch_size: int (>= 1) = 4", "  seed: int (>= 0) = 42"],
     "apps.mosaics.eval": ["  ckpt: str = required", "[harness] (HarnessArgs, lingua.eval_harness; null unless set)"],
     "apps.mosaics.generate": ["  ckpt: str = required"],
-    "lingua.stool": ["  nodes: int = 1", "      nodes of the job", "  config: str = required"],
+    "lingua.stool": ["  nodes: int (>= 1) = 1", "  time: int (>= 1 or -1) = -1", "      nodes of the job", "  config: str = required"],
 }
 
 
@@ -65,6 +65,7 @@ def test_help_reads_types_defaults_comments_and_sections():
     @dataclass
     class Outer:
         DERIVED_DEFAULTS: ClassVar[dict[str, str]] = {"inner.width": "size"}
+        RANGES: ClassVar[dict[str, str]] = {"size": "> 0"}
 
         size: int = 7  # the size
         name: str | None = None  # an optional name
@@ -76,7 +77,7 @@ def test_help_reads_types_defaults_comments_and_sections():
     text = config_help(Outer, "prog [key=value ...]", "Does things.", config_key=None)
     lines = text.splitlines()
     assert lines[0] == "usage: prog [key=value ...]" and "Does things." in lines
-    for line in ["  size: int = 7", "      the size", "  name: str or null = null", "  tags: list[str] = ['x']",
+    for line in ["  size: int (> 0) = 7", "      the size", "  name: str or null = null", "  tags: list[str] = ['x']",
                  "  inner.width: int = follows size", "  inner.mode: one of a|b = 'a'", "      the mode, documented by a docstring",
                  "  extra.width: int = 3"]:
         assert line in lines, line

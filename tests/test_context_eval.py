@@ -181,8 +181,11 @@ def test_config_errors_name_the_problem(tmp_path):
 
     with pytest.raises(ConfigError, match="exactly one of config"):
         CompareArgs(runs=[CompareRun(name="a", config="x.yaml", ckpt="y")])
-    with pytest.raises(InputError, match="holds no checkpoint"):
+    with pytest.raises(InputError, match=r"runs\[0\].ckpt='.*nothing' does not exist"):
         compare_main(CompareArgs(runs=[CompareRun(name="a", ckpt=str(tmp_path / "nothing"))]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"runs\[0\].ckpt='.*empty' holds no checkpoint"):
+        compare_main(CompareArgs(runs=[CompareRun(name="a", ckpt=str(tmp_path / "empty"))]))
     with pytest.raises(ConfigError, match="distinct name"):
         CompareArgs(runs=[CompareRun(name="a", ckpt="x"), CompareRun(name="a", ckpt="y")])
     both = tmp_path / "empty.yaml"

@@ -264,7 +264,7 @@ def test_bad_state_and_args_are_rejected(tmp_path):
         DataLoaderState.from_dict({"rank": 0})
     with pytest.raises(DataError, match="rank 2 of world size 2"):
         init_dataloader_state(_args(tmp_path), 2, 2)
-    with pytest.raises(ConfigError, match="data.n_views=1"):
+    with pytest.raises(ConfigError, match="n_views=1 must be >= 2"):
         config_from_dict(DataArgs, {"n_views": 1})
     with pytest.raises(ConfigError, match="sum to 0"):
         config_from_dict(DataArgs, {"sources": {"a": 0.0}})

@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance
 
 from apps.main.eval import checkpoint_step_and_run, model_generate_fn, model_logits_fn
 from apps.main.transformer import LMTransformer, LMTransformerArgs
-from lingua.args import ConfigError, InputError, load_config
+from lingua.args import ConfigError, InputError, config_from_dict, load_config
 from lingua.data import DataArgs, iter_validation_batches
 from lingua.eval_harness import (
     EvalArgs,
@@ -203,7 +203,7 @@ def test_eval_config_and_task_entries():
     with pytest.raises(ConfigError, match=r"harness.tasks\[0\]"):
         HarnessArgs(tasks=[{"task": "x", "shots": 1}])
     with pytest.raises(ConfigError, match="harness.limit"):
-        HarnessArgs(limit=0)
+        config_from_dict(EvalArgs, {"harness": {"limit": 0}})
 
 
 @pytest.mark.parametrize("name", ["eval.yaml", "eval_zero_copy.yaml"])

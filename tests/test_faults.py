@@ -9,6 +9,7 @@ tests/test_slurm.py.)
 """
 
 import errno
+import importlib
 import os
 import random
 import signal
@@ -18,9 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from lingua.checkpoint import CheckpointError, CorruptCheckpointError, step_dirs
+from lingua.args import cli_main
+from lingua.checkpoint import CorruptCheckpointError, step_dirs
 from lingua.metrics import read_metrics
+from lingua.stool import config_class
 from lingua.synthetic import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,6 +194,7 @@ def _previous_run(dump_dir: Path) -> dict[str, str]:
         ("wrong tokenizer file", ["data.tokenizer.name=sp", "data.tokenizer.path={not_a_model}"], "{not_a_model}"),
         ("config typo", ["optim.lrr=1"], "did you mean 'optim.lr'"),
         ("wrong type", ["steps=many"], "'steps'"),
+        ("value out of range", ["checkpoint.dump.every=-1"], "config error: checkpoint.dump.every=-1 must be >= 0"),
         ("seq_len beyond the model", ["data.seq_len=64"], "model.max_seqlen"),
         ("memory knn above n_keys", [*PK, "model.productkey_args.mem_knn=64"], "mem_knn=64 exceeds mem_n_keys=16"),
         ("memory odd k_dim", [*PK, "model.productkey_args.mem_k_dim=15"], "mem_k_dim=15 must be even"),
@@ -213,6 +218,83 @@ def test_bad_input_fails_before_work_and_keeps_files(corpus, tmp_path, case):
     assert expected.format(**paths) in result.stderr
     assert "Traceback" not in result.stderr
     assert {p.name: p.read_text() for p in dump_dir.iterdir()} == files
+
+
+@pytest.mark.parametrize("target", ["missing", "empty folder"])
+@pytest.mark.parametrize("module", ["apps.main.generate", "apps.mosaics.generate", "apps.main.eval", "apps.mosaics.eval"])
+def test_a_ckpt_that_names_nothing_is_one_line(tmp_path, capsys, module, target):
+    """In-process, as `python -m <module> ckpt=...` runs it: one line naming the path, exit 2, nothing written."""
+    ckpt = tmp_path / "nothing"
+    if target == "empty folder":
+        ckpt.mkdir()
+    extra = ["prompt=hi"] if module.endswith("generate") else []
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(config_class(module), importlib.import_module(module).main, [f"ckpt={ckpt}", *extra])
+    assert exit_.value.code == 2
+    reason = "does not exist" if target == "missing" else "holds no checkpoint"
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: ckpt='{ckpt}' {reason}"), lines
+    assert list(tmp_path.iterdir()) == ([ckpt] if target == "empty folder" else [])
+
+
+@pytest.mark.parametrize("target", ["missing", "empty folder"])
+def test_an_init_ckpt_path_that_names_nothing_fails_before_work(corpus, tmp_path, capsys, target):
+    from apps.main.train import MainTrainArgs, main
+
+    init = tmp_path / "nothing"
+    if target == "empty folder":
+        init.mkdir()
+    dump_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(MainTrainArgs, main, run_args(corpus, dump_dir, f"checkpoint.init_ckpt_path={init}", "data.load_async=false"))
+    assert exit_.value.code == 2
+    reason = "does not exist" if target == "missing" else "holds no checkpoint"
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: checkpoint.init_ckpt_path='{init}' {reason}")
+    assert not dump_dir.exists()
+
+
+def test_init_ckpt_path_takes_a_run_folder_like_ckpt(corpus, tmp_path):
+    """A run's dump_dir starts the new run from that run's newest checkpoint (lr 1e-12: the one
+    step of the new run leaves the weights in place)."""
+    from apps.main.generate import load_model_and_tokenizer
+    from apps.main.train import MODEL_SPEC, MainTrainArgs
+    from lingua.args import parse_args
+    from lingua.trainer import train
+
+    first = train(parse_args(MainTrainArgs, run_args(corpus, tmp_path / "a", "steps=3", "checkpoint.dump.every=2", "data.load_async=false")), MODEL_SPEC)
+    assert first.last_checkpoint.name == "0000000003"
+    second = parse_args(MainTrainArgs, run_args(
+        corpus, tmp_path / "b", "steps=1", "optim.lr=1e-12", "optim.warmup=0", "data.load_async=false", f"checkpoint.init_ckpt_path={tmp_path / 'a'}"))
+    train(second, MODEL_SPEC)
+    started, _, _ = load_model_and_tokenizer(str(tmp_path / "b"), "cpu")
+    source, _, _ = load_model_and_tokenizer(str(first.last_checkpoint), "cpu")
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(started.state_dict()[name], tensor, rtol=0, atol=1e-8, msg=name)
+
+
+def test_an_unwritable_dump_dir_fails_before_work(corpus, tmp_path, capsys, monkeypatch):
+    """Tests may run as root, for whom a read-only mode blocks nothing: the probe write fails instead."""
+    import lingua.checkpoint as checkpoint
+    from apps.main.train import MainTrainArgs, main
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(MainTrainArgs, main, run_args(corpus, tmp_path / "file" / "run", "data.load_async=false"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: dump_dir='{tmp_path / 'file' / 'run'}' is not usable: {tmp_path / 'file'} is a file, not a folder; choose another dump_dir")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(MainTrainArgs, main, run_args(corpus, tmp_path / "run", "data.load_async=false"))
+    monkeypatch.undo()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: dump_dir='{tmp_path / 'run'}' is not writable: {tmp_path}: {os.strerror(errno.EROFS)}; choose another dump_dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_only_the_story_corpus_is_ever_synthesized(tmp_path):
@@ -351,29 +433,57 @@ def test_hung_collective_ends_the_job_within_timeout(tmp_path):
 # 6. Disk faults -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
-def test_failed_checkpoint_write_keeps_the_previous_one(corpus, tmp_path, monkeypatch, code):
-    """A full or read-only disk during the second save: a clear error naming the folder and the
-    cause, the partial write removed, the first checkpoint intact and resumable."""
+def _fail_second_save(monkeypatch, where: str, code: int) -> None:
+    """Writes into the step-10 checkpoint raise OSError(code): in DCP's file writer (the tensor
+    files, where a full disk is most likely) or in the JSON files written after them."""
     import lingua.checkpoint as checkpoint
-    from apps.main.train import MODEL_SPEC, MainTrainArgs
+    from torch.distributed.checkpoint import filesystem
+
+    def fails(path) -> bool:
+        return "0000000010" in str(path)
+
+    if where == "tensor files":
+        original_stream = filesystem.FileSystem.create_stream
+
+        def create_stream(self, path, mode):
+            if fails(path):
+                raise OSError(code, os.strerror(code), str(path))
+            return original_stream(self, path, mode)
+
+        monkeypatch.setattr(filesystem.FileSystem, "create_stream", create_stream)
+    else:
+        original_write = checkpoint._write_json
+
+        def write_json(path, data):
+            if fails(path):
+                raise OSError(code, os.strerror(code), str(path))
+            original_write(path, data)
+
+        monkeypatch.setattr(checkpoint, "_write_json", write_json)
+
+
+@pytest.mark.parametrize("code, where", [(errno.ENOSPC, "tensor files"), (errno.EROFS, "json files")], ids=["disk full", "read-only"])
+def test_failed_checkpoint_write_keeps_the_previous_one(corpus, tmp_path, capsys, monkeypatch, code, where):
+    """A full or read-only disk during the second save: one line naming the folder and the cause
+    (exit 1, no traceback), the partial write removed, the first checkpoint intact and resumable."""
+    from apps.main.train import MODEL_SPEC, MainTrainArgs, main
     from lingua.args import parse_args
     from lingua.trainer import train
 
-    cfg = parse_args(MainTrainArgs, run_args(corpus, tmp_path / "run", "steps=10", "data.load_async=false"))
-    original, calls = checkpoint._write_json, [0]
-
-    def failing_write(path, data):
-        calls[0] += 1
-        if calls[0] > 3:  # the first checkpoint writes three JSON files (train state, params, manifest)
-            raise OSError(code, os.strerror(code), str(path))
-        original(path, data)
-
-    monkeypatch.setattr(checkpoint, "_write_json", failing_write)
-    with pytest.raises(CheckpointError, match=rf"0000000010: {os.strerror(code)}.*previous checkpoint .*0000000005 is kept"):
-        train(cfg, MODEL_SPEC)
-    monkeypatch.setattr(checkpoint, "_write_json", original)
-    assert [p.name for p in step_dirs(tmp_path / "run" / "checkpoints")] == ["0000000005"]
-    assert not list((tmp_path / "run" / "checkpoints").glob(".partial-*"))
-    assert train(cfg, MODEL_SPEC).step == 10
+    args = run_args(corpus, tmp_path / "run", "steps=10", "data.load_async=false")
+    _fail_second_save(monkeypatch, where, code)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(MainTrainArgs, main, args)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"error: cannot write checkpoint {checkpoints / '0000000010'}: {os.strerror(code)}; "
+        f"the previous checkpoint {checkpoints / '0000000005'} is kept"
+    )
+    assert [p.name for p in step_dirs(checkpoints)] == ["0000000005"]
+    assert not list(checkpoints.glob(".partial-*"))
+    assert train(parse_args(MainTrainArgs, args), MODEL_SPEC).step == 10
     assert issubclass(CorruptCheckpointError, ValueError)

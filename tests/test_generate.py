@@ -10,7 +10,7 @@ import torch
 from apps.main.generate import Generator, GeneratorArgs, load_model_and_tokenizer, sample_next
 from apps.main.train import MODEL_SPEC, MainTrainArgs
 from apps.main.transformer import LMTransformer, LMTransformerArgs
-from lingua.args import config_from_dict
+from lingua.args import InputError, config_from_dict
 from lingua.checkpoint import consolidate
 from lingua.synthetic import write_corpus
 from lingua.tokenizer import ByteTokenizer
@@ -120,5 +120,5 @@ def test_generate_from_trained_checkpoint_and_consolidated(tmp_path):
 
 
 def test_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing-here"):
+    with pytest.raises(InputError, match="ckpt='.*nothing-here' does not exist"):
         load_model_and_tokenizer(str(tmp_path / "nothing-here"))

@@ -13,7 +13,7 @@ import torch
 from apps.main.generate import GeneratorArgs
 from apps.mosaics.generate import generate_tokens
 from apps.mosaics.train import MosaicsTrainArgs, build_model
-from lingua.args import ConfigError, load_config
+from lingua.args import ConfigError, config_from_dict, load_config
 from lingua.mosaics.contextual import block_mask, dense_mask, sdpa_read, visible_count
 from lingua.mosaics.gated_scan import gated_key_scan_naive
 from lingua.mosaics.model import MosaicsArgs
@@ -247,9 +247,9 @@ def test_bad_v2_settings_name_the_key():
     with pytest.raises(ConfigError, match="model.v2 settings have no effect with model.version=1"):
         MosaicsArgs(v2=MosaicsV2Args(short_window=8))
     with pytest.raises(ConfigError, match="model.version=3"):
-        MosaicsArgs(version=3)
+        config_from_dict(MosaicsTrainArgs, {"model": {"version": 3}})
     with pytest.raises(ConfigError, match="model.v2.short_window"):
-        MosaicsV2Args(short_window=1)
+        config_from_dict(MosaicsTrainArgs, {"model": {"version": 2, "v2": {"short_window": 1}}})
     with pytest.raises(ConfigError, match="model.v2.long_offset_min"):
         MosaicsV2Args(long_offset_min=10, long_offset_max=5)
     with pytest.raises(ConfigError, match="model.v2.key_scan_chunk_size=48"):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lingua.args import ConfigError
+from lingua.args import ConfigError, config_from_dict
 from lingua.optim import OptimArgs, ParamGroupSpec, build_optimizer, clip_grad_norm, clip_gradients, lr_multiplier
 from lingua.transformer import RMSNorm
 
@@ -95,12 +95,12 @@ def test_scheduler_drives_group_lrs() -> None:
 
 
 def test_args_validation() -> None:
-    with pytest.raises(ConfigError, match="lr_min_ratio"):
-        OptimArgs(lr_min_ratio=1.5)
-    with pytest.raises(ConfigError, match="beta2"):
-        OptimArgs(beta2=1.0)
-    with pytest.raises(ConfigError, match="decay_fraction"):
-        OptimArgs(decay_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"lr_min_ratio=1.5 must be in \[0, 1\]"):
+        config_from_dict(OptimArgs, {"lr_min_ratio": 1.5})
+    with pytest.raises(ConfigError, match=r"beta2=1.0 must be in \[0, 1\)"):
+        config_from_dict(OptimArgs, {"beta2": 1.0})
+    with pytest.raises(ConfigError, match=r"decay_fraction=0.0 must be in \(0, 1\]"):
+        config_from_dict(OptimArgs, {"decay_fraction": 0.0})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_value_weight_decay_null_follows_optim_weight_decay():
     decay = {group["name"]: group["weight_decay"] for group in optimizer.param_groups}
     assert decay["memory_values"] == 0.07 and decay["decay"] == 0.07
     with pytest.raises(ConfigError, match="value_weight_decay"):
-        ProductKeyArgs(value_weight_decay=-0.1)
+        config_from_dict(ProductKeyArgs, {"value_weight_decay": -0.1})
 
 
 def test_every_tensor_initialized_after_meta_build():
@@ -142,11 +142,11 @@ def test_config_validation_names_the_key():
         (dict(layers="1,x"), "comma-separated integers"),
         (dict(layers="1,1"), "twice"),
         (dict(peer_variant=True, mem_v_dim=16), "peer_variant=true needs mem_v_dim=-1"),
-        (dict(mem_query_dropout=1.0), "mem_query_dropout"),
+        (dict(mem_query_dropout=1.0), r"mem_query_dropout=1.0 must be in \[0, 1\)"),
     ]
     for fields, message in cases:
         with pytest.raises(ConfigError, match=message):
-            ProductKeyArgs(**{**SMALL_PK, "layers": "1", **fields})
+            config_from_dict(ProductKeyArgs, {**SMALL_PK, "layers": "1", **fields})
     with pytest.raises(ConfigError, match=r"ids \[3\] are outside the 3 blocks"):
         lm_args(layers="0,3")
 

@@ -138,7 +138,7 @@ def test_ctrl_c_saves_at_the_step_end_and_the_rerun_resumes(corpus, tmp_path):
     process = start_cli(run_args(corpus, dump_dir, "steps=100000", "checkpoint.dump.every=100000", "data.load_async=true"))
     wait_until(lambda: len(logged(dump_dir)) >= 2, process)
     os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-3000:]
     assert "received SIGINT: saving a checkpoint at the end of this step" in stderr and "Traceback" not in stderr
     saved = step_dirs(dump_dir / "checkpoints")

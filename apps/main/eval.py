@@ -22,7 +22,7 @@ import torch
 
 from apps.main.generate import Generator, GeneratorArgs, load_model_and_tokenizer
 from apps.main.transformer import LMTransformer
-from lingua.args import ConfigError, InputError, cli_main, to_dict
+from lingua.args import ConfigError, cli_main, to_dict
 from lingua.checkpoint import STEP_DIR, resolve_checkpoint
 from lingua.data import DataArgs
 from lingua.eval_harness import (
@@ -134,8 +134,8 @@ def evaluate_checkpoint(ckpt: str | Path, args: EvalArgs, step: int | None = Non
 
     The step is `step`, else args.global_step, else the checkpoint folder's; results go to
     args.dump_dir, else the checkpoint's run folder."""
-    check_tasks_available(args.harness)
     ckpt_step, run_dir = checkpoint_step_and_run(str(ckpt))
+    check_tasks_available(args.harness)
     step = step if step is not None else args.global_step if args.global_step is not None else ckpt_step
     dump_dir = Path(args.dump_dir) if args.dump_dir else run_dir
     model, tokenizer, train_cfg = load_model_and_tokenizer(str(ckpt), args.device)
@@ -157,10 +157,7 @@ def main(args: EvalArgs) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.ckpt:
         raise ConfigError("ckpt is not set: pass ckpt=<run dump_dir or checkpoint folder>")
-    try:
-        metrics = evaluate_checkpoint(args.ckpt, args)
-    except FileNotFoundError as error:
-        raise InputError(str(error)) from None
+    metrics = evaluate_checkpoint(args.ckpt, args)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
     return metrics

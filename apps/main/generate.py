@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GeneratorArgs:
+    RANGES: ClassVar[dict[str, str]] = {"max_gen_len": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 1", "seed": ">= 0"}
+
     max_gen_len: int = 128  # new tokens per prompt at most
     temperature: float = 0.0  # 0: greedy; otherwise sample from softmax(logits / temperature)
     top_p: float | None = None  # nucleus sampling: keep the smallest set of tokens with this much mass
@@ -34,16 +36,6 @@ class GeneratorArgs:
     seed: int = 0  # sampling seed
     dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype of the model during generation
     device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    def __post_init__(self) -> None:
-        if self.max_gen_len < 1:
-            raise ConfigError(f"generator.max_gen_len={self.max_gen_len} must be >= 1")
-        if self.temperature < 0:
-            raise ConfigError(f"generator.temperature={self.temperature} must be >= 0")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"generator.top_p={self.top_p} must be in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"generator.top_k={self.top_k} must be >= 1")
 
 
 def sample_next(logits_BV: torch.Tensor, args: GeneratorArgs, generator: torch.Generator | None) -> torch.Tensor:

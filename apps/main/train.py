@@ -30,6 +30,7 @@ from lingua.transformer import flops_per_token
 @dataclass
 class MainTrainArgs(TrainArgs):
     DERIVED_DEFAULTS: ClassVar[dict[str, str]] = {"model.max_seqlen": "data.seq_len"}  # a config that leaves model.max_seqlen out gets data.seq_len
+    RANGES: ClassVar[dict[str, str]] = {"probe_freq": "any"}
 
     model: LMTransformerArgs = field(default_factory=LMTransformerArgs)
     probe_freq: int | None = None  # accepted for compatibility with the public Memory Layers configs; no effect (there is no activation probe)

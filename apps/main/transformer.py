@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +27,8 @@ IGNORE_INDEX = -100  # target value that contributes no loss (torch's cross-entr
 
 @dataclass
 class LMTransformerArgs(BaseTransformerArgs):
+    RANGES: ClassVar[dict[str, str]] = {"seed": ">= 0", "vocab_size": ">= 1 or -1"}
+
     seed: int = 42  # seed the trainer sets before init_weights()
     vocab_size: int = -1  # -1: set from the tokenizer by the trainer
     weight_tying: bool = False  # the output head reuses the token embedding matrix
@@ -35,8 +37,6 @@ class LMTransformerArgs(BaseTransformerArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.productkey_args.check_layers(self.n_layers)
-        if self.vocab_size != -1 and self.vocab_size <= 0:
-            raise ConfigError(f"vocab_size={self.vocab_size} must be positive, or -1 to take it from the tokenizer")
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -60,7 +60,7 @@ class CompareArgs:
 def _checkpoint_of(run: CompareRun, args: CompareArgs) -> tuple[str, Any]:
     """(checkpoint to evaluate, training config to run first or None), checked before any work."""
     if run.ckpt:
-        app_of_checkpoint(run.ckpt)  # exists, and belongs to an app
+        app_of_checkpoint(run.ckpt, f"runs[{args.runs.index(run)}].ckpt")  # exists, and belongs to an app
         return run.ckpt, None
     folder = Path(args.dump_dir) / run.name
     overrides = [*args.overrides, *run.overrides, f"dump_dir={folder}", f"name={run.name}"]

@@ -17,14 +17,14 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
 from apps.main.eval import model_logits_fn
 from apps.mosaics.generate import load_model_and_tokenizer
-from lingua.args import ConfigError, cli_main
+from lingua.args import cli_main
 from lingua.data import iter_validation_batches
 from lingua.eval_harness import HarnessArgs, LinguaLM, check_tasks_available, greedy_generate, harness_metrics, run_harness
 from lingua.extrapolation import position_losses
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalArgs:
+    RANGES: ClassVar[dict[str, str]] = {"seq_len": ">= 2", "batch_size": ">= 1", "max_batches": "any", "max_length": ">= 1"}
+
     ckpt: str = "???"  # run dump_dir, checkpoint folder, or consolidated folder/file
     out_dir: str = ""  # where eval.json and the plot go; empty: <ckpt>/eval
     sources: list[str] | None = None  # validation sources; None: those of the training config
@@ -46,12 +48,6 @@ class EvalArgs:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     harness: HarnessArgs | None = None  # lm-eval tasks to run as well (None: loss curves only)
     max_length: int = 2048  # longest sequence the harness feeds the model (the model has no length limit)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
-        if self.seq_len is not None and self.seq_len < 2:
-            raise ConfigError(f"seq_len={self.seq_len} must be >= 2")
 
 
 def plot_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None:

@@ -93,10 +93,7 @@ def export(ckpt: str | Path, out_dir: str | Path, fmt: ExportFormat = "llama", o
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"output folder '{out}' exists: choose another one or pass --overwrite to replace it")
-    try:
-        weights, params_path = resolve_checkpoint(ckpt)
-    except FileNotFoundError as error:
-        raise InputError(str(error)) from None
+    weights, params_path = resolve_checkpoint(ckpt)
     params = json.loads(params_path.read_text())
     model_type = model_type_of(params, params_path)
     if fmt == "llama" and (problem := llama_export_problem(model_type, params["model"])):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,13 @@ from lingua.mosaics.v2 import MosaicsV2Args
 
 @dataclass
 class MosaicsArgs:
+    RANGES: ClassVar[dict[str, str]] = {
+        "seed": ">= 0", "vocab_size": ">= 1 or -1", "vocab_multiple": ">= 1", "dim": ">= 1", "n_layers": ">= 1", "n_heads": ">= 1",
+        "v_shift": ">= 0", "k_kernel_size": ">= 1", "v_kernel_size": ">= 1", "ic_dropout": "[0, 1)", "hd_dropout": "[0, 1)",
+        "pmem_count": ">= 1", "pmem_size": ">= 1", "leaky_chunk_size": ">= 16", "kernel_beta_upbound": "> 0", "norm_eps": "> 0",
+        "l2_eps": "> 0", "skip_tokens": ">= 0", "version": "[1, 2]",
+    }
+
     seed: int = 42  # seed the trainer sets before init_weights()
     vocab_size: int = -1  # -1: the tokenizer's vocabulary, rounded up to vocab_multiple
     vocab_multiple: int = 64  # pad a tokenizer-derived vocabulary to a multiple of this (GEMM-friendly)
@@ -55,41 +63,23 @@ class MosaicsArgs:
     v2: MosaicsV2Args = field(default_factory=MosaicsV2Args)  # the v2 model's own settings (model.version=2)
 
     def __post_init__(self) -> None:
-        if self.version not in (1, 2):
-            raise ConfigError(f"model.version={self.version} must be 1 or 2")
         self._check_version_keys()
-        positive = ("dim", "n_layers", "n_heads", "pmem_count", "pmem_size", "vocab_multiple")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 1")
-        if self.vocab_size != -1 and self.vocab_size < 1:
-            raise ConfigError(f"model.vocab_size={self.vocab_size} must be positive, or -1 to take it from the tokenizer")
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; pick a divisor")
-        if self.v_shift < 0 or self.skip_tokens < 0:
-            raise ConfigError("model.v_shift and model.skip_tokens must be >= 0")
-        if self.k_kernel_size < 1 or self.v_kernel_size < 1:
-            raise ConfigError("model.k_kernel_size and model.v_kernel_size must be >= 1")
         if self.v_fe_type == "lowrlinearconv" and self.v_kernel_size != 2:
             raise ConfigError(f"model.v_fe_type=lowrlinearconv needs model.v_kernel_size=2, got {self.v_kernel_size}")
         if self.v_fe_type == "linearconv" and self.v_kernel_size - 1 < self.v_shift:
             raise ConfigError(
                 f"model.v_fe_type=linearconv with v_shift={self.v_shift} needs v_kernel_size >= v_shift + 1"
             )
-        for key in ("ic_dropout", "hd_dropout"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}={getattr(self, key)} must be in [0, 1)")
         chunk = self.leaky_chunk_size
-        if chunk < 16 or chunk & (chunk - 1):
+        if chunk & (chunk - 1):
             raise ConfigError(f"model.leaky_chunk_size={chunk} must be a power of two >= 16 (e.g. 64)")
         if self.leaky_impl == "op" and chunk > MAX_CHUNK_SIZE:
             raise ConfigError(
                 f"model.leaky_chunk_size={chunk}: leaky_impl=op runs GPU kernels whose chunk is at most "
                 f"{MAX_CHUNK_SIZE}; use {MAX_CHUNK_SIZE}, or leaky_impl=chunked"
             )
-        if self.norm_eps <= 0 or self.l2_eps <= 0:
-            raise ConfigError("model.norm_eps and model.l2_eps must be positive")
-
     def _check_version_keys(self) -> None:
         """A key the chosen version does not read is refused rather than silently ignored."""
         if self.version == 1:

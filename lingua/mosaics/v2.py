@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class MosaicsV2Args:
+    RANGES: ClassVar[dict[str, str]] = {
+        "ffn_dim": ">= 1 or -1", "short_window": ">= 2", "long_offset_min": ">= 1", "long_offset_max": ">= 1", "long_offset_eval": ">= 1",
+        "key_scan_chunk_size": ">= 1",
+    }
+
     ffn_dim: int = -1  # SwiGLU hidden width d'; -1: 3 * model.dim (the paper's small model: 6144 at 2048)
     short_window: int = 256  # h: short-term memory reads the pairs t-h+1 .. t-1
     long_term: bool = True  # the long-term memory (false: short-term memory only, the paper's ablation)
@@ -53,19 +58,13 @@ class MosaicsV2Args:
     key_scan_chunk_size: int = 64  # time steps per chunk of the scan (op: a power of two from 16 to 64)
 
     def __post_init__(self) -> None:
-        if self.ffn_dim != -1 and self.ffn_dim < 1:
-            raise ConfigError(f"model.v2.ffn_dim={self.ffn_dim} must be positive, or -1 for 3 * model.dim")
-        if self.short_window < 2:
-            raise ConfigError(f"model.v2.short_window={self.short_window} must be >= 2 (it reads h - 1 pairs)")
-        if not 1 <= self.long_offset_min <= self.long_offset_max:
+        if self.long_offset_min > self.long_offset_max:
             raise ConfigError(
                 f"model.v2.long_offset_min={self.long_offset_min} and long_offset_max={self.long_offset_max} "
-                "must satisfy 1 <= min <= max"
+                "must satisfy min <= max"
             )
-        if self.long_offset_eval < 1:
-            raise ConfigError(f"model.v2.long_offset_eval={self.long_offset_eval} must be >= 1")
         chunk = self.key_scan_chunk_size
-        if chunk < 1 or (self.key_scan_impl == "op" and (chunk < MIN_CHUNK_SIZE or chunk > MAX_CHUNK_SIZE or chunk & (chunk - 1))):
+        if self.key_scan_impl == "op" and (chunk < MIN_CHUNK_SIZE or chunk > MAX_CHUNK_SIZE or chunk & (chunk - 1)):
             raise ConfigError(
                 f"model.v2.key_scan_chunk_size={chunk}: key_scan_impl={self.key_scan_impl} needs a power of two "
                 f"from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} (op) or any positive size (chunked)"

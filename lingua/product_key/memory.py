@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +33,12 @@ from lingua.product_key.zero_copy import TransferDtype, UpdatePlace, ZeroCopyVal
 
 @dataclass
 class ProductKeyArgs:
+    RANGES: ClassVar[dict[str, str]] = {
+        "mem_n_keys": ">= 1", "mem_heads": ">= 1", "mem_knn": ">= 1", "mem_k_dim": ">= 2", "mem_v_dim": ">= 1 or -1", "value_fixed_lr": "> 0",
+        "mem_input_dropout": "[0, 1)", "mem_query_dropout": "[0, 1)", "mem_value_dropout": "[0, 1)", "value_weight_decay": ">= 0",
+        "zero_copy_buffer_margin": ">= 1", "zero_copy_first_buffer_rows": ">= 0",
+    }
+
     is_enabled: bool = False  # replace the FFN of `layers` by product-key memory layers
     layers: str = ""  # comma-separated block ids whose FFN becomes a memory layer, e.g. "4,12,20"
     mem_n_keys: int = 1024  # sub-keys per half; the value table has mem_n_keys**2 rows
@@ -61,25 +69,12 @@ class ProductKeyArgs:
 
     def __post_init__(self) -> None:
         key = "model.productkey_args"
-        positive = ("mem_n_keys", "mem_heads", "mem_knn", "mem_k_dim")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 1")
         if self.mem_knn > self.mem_n_keys:
             raise ConfigError(f"{key}.mem_knn={self.mem_knn} exceeds mem_n_keys={self.mem_n_keys}: lower mem_knn")
         if self.mem_k_dim % 2 != 0:
             raise ConfigError(f"{key}.mem_k_dim={self.mem_k_dim} must be even (two halves of product keys)")
-        if self.mem_v_dim != -1 and self.mem_v_dim < 1:
-            raise ConfigError(f"{key}.mem_v_dim={self.mem_v_dim} must be positive, or -1 for the model dim")
         if self.peer_variant and self.mem_v_dim != -1:
             raise ConfigError(f"{key}.peer_variant=true needs mem_v_dim=-1 (experts output the model dim)")
-        for name in ("mem_input_dropout", "mem_query_dropout", "mem_value_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be in [0, 1)")
-        if self.value_fixed_lr is not None and self.value_fixed_lr <= 0:
-            raise ConfigError(f"{key}.value_fixed_lr={self.value_fixed_lr} must be positive, or null for optim.lr")
-        if self.value_weight_decay is not None and self.value_weight_decay < 0:
-            raise ConfigError(f"{key}.value_weight_decay={self.value_weight_decay} must be >= 0")
         if self.is_enabled and not self.layer_ids:
             raise ConfigError(f"{key}.is_enabled=true needs layers, e.g. layers=\"4,12,20\"")
         if self.mem_offload:
@@ -89,10 +84,6 @@ class ProductKeyArgs:
             )
         if self.zero_copy and self.peer_variant:
             raise ConfigError(f"{key}.zero_copy=true does not support peer_variant=true (experts' input rows stay on the GPU)")
-        if self.zero_copy_buffer_margin < 1:
-            raise ConfigError(f"{key}.zero_copy_buffer_margin={self.zero_copy_buffer_margin} must be >= 1 (e.g. 1.25)")
-        if self.zero_copy_first_buffer_rows < 0:
-            raise ConfigError(f"{key}.zero_copy_first_buffer_rows={self.zero_copy_first_buffer_rows} must be >= 0 (0: no limit)")
         if self.zero_copy and self.value_update == "dense":
             raise ConfigError(
                 f"{key}.zero_copy=true needs value_update=lazy or rowwise_adagrad: dense updates rewrite every host row each step"
