@@ -38,7 +38,21 @@ def test_zero_copy_tiny_runs_and_reports():
     assert "PCIe" not in result.stdout and "(met)" not in result.stdout  # nothing crosses PCIe on CPU; the goals are for a GPU
 
 
-@pytest.mark.parametrize("name", ["dense_step", "leaky_average", "mosaics_step", "pk_bag", "pk_model", "zero_copy"])
+def test_mosaics_v2_block_tiny_times_both_blocks_and_claims_no_goal():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mosaics_v2", "--tiny", "--parts", "block", "--lengths", "48", "--warmup", "0", "--repeats", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "parity: the timed v2 block matches the naive scan" in out and "device:" in out and "command:" in out
+    assert "| llama block (reference) |" in out and "| v2 block |" in out and "x the llama block's time |" in out
+    assert "speedup vs llama block (reference)" in out and "v2 masks and counts (built once per forward" in out
+    assert "B=2 T=48 C=48 H=4 SwiGLU 144" in out
+    assert "this CPU run claims none" in out and "goal: v2 block" not in out and ", met" not in out and "goals met" not in out
+
+
+@pytest.mark.parametrize("name", ["dense_step", "leaky_average", "mosaics_step", "mosaics_v2", "pk_bag", "pk_model", "zero_copy"])
 def test_full_size_on_cpu_refuses_at_once_naming_tiny(name, monkeypatch, capsys):
     module = importlib.import_module(f"benchmarks.{name}")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

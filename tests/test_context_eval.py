@@ -1,7 +1,7 @@
 """Context evaluations: loss by position against a direct computation, extrapolation over the same
 tokens at every length, RoPE tables lengthened without changing the trained positions, the
 per-document in-context test against the task file and a direct scoring, and the two commands
-(apps.mosaics.context_eval, apps.mosaics.compare) end to end on tiny models of both apps."""
+(apps.mosaics.context_eval, apps.mosaics.compare) end to end on tiny models of both apps (dense, v1, v2)."""
 
 import dataclasses
 import json
@@ -149,7 +149,9 @@ def test_compare_trains_both_apps_and_writes_the_table(data_dir, tmp_path, monke
     committed = load_config(compare.CompareArgs, str(REPO / "apps/mosaics/configs/compare_debug.yaml"))
     # Every committed run trains here at a tiny size: a run added to the config needs its line.
     tiny = {"dense": ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.weight_tying=true", "model.max_seqlen=32"],
-            "v1": ["model.dim=32", "model.n_layers=1", "model.pmem_size=16"]}
+            "v1": ["model.dim=32", "model.n_layers=1", "model.pmem_size=16"],
+            "v2": ["model.dim=32", "model.n_layers=1", "model.v2.ffn_dim=32", "model.v2.short_window=8",
+                   "model.v2.long_offset_min=2", "model.v2.long_offset_max=8", "model.v2.long_offset_eval=4"]}
     assert [run.name for run in committed.runs] == list(tiny), "give each run of compare_debug.yaml tiny overrides here"
     assert "model.weight_tying=true" in committed.runs[0].overrides
     evaluation = ContextEvalArgs(ExtrapolationArgs(windows=2), InContextArgs(shots=[0, 1], limit=1), device="cpu")
@@ -160,13 +162,16 @@ def test_compare_trains_both_apps_and_writes_the_table(data_dir, tmp_path, monke
     rows = compare.main(args)
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert [row["name"] for row in rows] == list(tiny) and "| dense | main |" in text and "| v1 | mosaics |" in text
+    assert "| v2 | mosaics |" in text
     dense = json.loads((tmp_path / "cmp" / "dense" / "context_eval" / "context_eval.json").read_text())
     longest = dense["in_context"]["longest_sequence"]  # a story and its questions: longer than 4 x 32
     assert dense["app"] == "main" and dense["train_seq_len"] == 32 and dense["length_overrides"] == {"max_seqlen": longest} and longest > 128
     assert "val loss 4x" in text and "acc_norm 1 shots" in text and f"dense: evaluated with model.max_seqlen={longest} (same weights" in text
     assert [x["seq_len"] for x in dense["extrapolation"]["sources"]["stories"]] == [32, 64, 128]
     assert dense["in_context"]["longer_than_training"] == 1.0
-    for name in ("compare.json", "extrapolation.png", "in_context.png", "v1/context_eval/extrapolation_stories.png"):
+    v2 = json.loads((tmp_path / "cmp" / "v2" / "context_eval" / "context_eval.json").read_text())
+    assert v2["app"] == "mosaics" and v2["length_overrides"] == {} and v2["train_seq_len"] == 32  # no position limit
+    for name in ("compare.json", "extrapolation.png", "in_context.png", "v1/context_eval/extrapolation_stories.png", "v2/context_eval/extrapolation_stories.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     with pytest.raises(ConfigError, match="already holds checkpoints; pass train=false"):
         compare.main(args)
