@@ -51,10 +51,16 @@ def train_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProc
     return subprocess.run([sys.executable, "-m", "apps.main.train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def as_from_a_terminal() -> None:
+    """Popen preexec_fn: Ctrl-C handled by default, as in a command typed at a terminal (a test run
+    started in the background, e.g. `pytest &`, passes SIGINT ignored to its children)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "apps.main.train", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        text=True, start_new_session=True, preexec_fn=as_from_a_terminal,
     )
 
 

@@ -21,7 +21,7 @@ from lingua.preemption import PreemptionWatcher
 from lingua.resume import KEY_RULES, classify
 from lingua.synthetic import write_corpus
 from lingua.trainer import train
-from tests.test_faults import logged, run_args, start_cli, train_cli, wait_until
+from tests.test_faults import as_from_a_terminal, logged, run_args, start_cli, train_cli, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["data.load_async=false", "checkpoint.dump.every=2", "steps=4"]
@@ -168,7 +168,8 @@ def test_second_ctrl_c_stops_at_once(corpus, tmp_path):
         "CheckpointManager.save = slow_save\n"
         f"cli_main(MainTrainArgs, lambda cfg: train(cfg, MODEL_SPEC), {run_args(corpus, dump_dir, 'steps=100000', 'checkpoint.dump.every=100000', 'data.load_async=false')!r})\n"
     )
-    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               preexec_fn=as_from_a_terminal)
     try:
         lines = []
         for line in process.stderr:
