@@ -4,6 +4,7 @@ offline task files, the eval command end to end, and a trained debug model above
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -251,24 +252,20 @@ CHANCE = 0.25  # synthetic_mc has 4 endings per question
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    """apps/main/configs/debug.yaml (the documented debug run) trained on the story corpus."""
-    from apps.main.train import MODEL_SPEC, MainTrainArgs
-    from lingua.trainer import train
-
+    """apps/main/configs/debug.yaml (the documented debug run) trained 300 steps on the story corpus:
+    the committed weights of tests/data/eval_debug_run (made by tests/data/make_eval_checkpoint.py),
+    its data.root_dir pointed at the corpus it was trained on."""
     root = tmp_path_factory.mktemp("eval_run")
     write_corpus(root / "data", "stories", seed=0)  # the corpus the debug config synthesizes
-    cfg = load_config(
-        MainTrainArgs,
-        str(REPO / "apps/main/configs/debug.yaml"),
-        [f"dump_dir={root / 'run'}", f"data.root_dir={root / 'data'}", f"data.tokenizer.path={REPO / 'tokenizer/stories_sp2k.model'}",
-         "validation.every=0", "checkpoint.dump.every=300", "logging.freq=100"],
-    )
-    train(cfg, MODEL_SPEC)
+    shutil.copytree(REPO / "tests/data/eval_debug_run", root / "run")
+    params_file = root / "run/checkpoints/0000000300/consolidated/params.json"
+    params = json.loads(params_file.read_text())
+    params["dump_dir"], params["data"]["root_dir"] = str(root / "run"), str(root / "data")
+    params_file.write_text(json.dumps(params))
     return root / "run"
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # includes training the debug model (about a minute on an idle 2-core machine)
 def test_eval_command_end_to_end_offline_and_above_chance(trained_run, tmp_path):
     """The documented command on the local tasks: results.json, results.md and the metrics line;
     the trained debug model beats chance on synthetic_mc."""
