@@ -27,7 +27,7 @@ def _command_modules() -> set[str]:
     """Modules of apps/ and lingua/ whose command line goes through cli_main."""
     found = set()
     for path in [*REPO.glob("apps/**/*.py"), *REPO.glob("lingua/**/*.py")]:
-        if path.name != "args.py" and re.search(r"^\s*cli_main\(", path.read_text(), re.MULTILINE):
+        if path.name != "args.py" and re.search(r"^\s*(raise SystemExit\()?cli_main\(", path.read_text(), re.MULTILINE):
             found.add(".".join(path.relative_to(REPO).with_suffix("").parts))
     return found
 
