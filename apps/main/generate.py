@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
-from apps.main.train import MainTrainArgs, build_model
+from apps.main.model import MainTrainArgs, build_model
 from apps.main.transformer import LMTransformer
 from lingua.args import ConfigError, cli_main
 from lingua.checkpoint import load_trained_model
