@@ -277,7 +277,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.grad_acc_steps  # per data-parallel rank
     flops_per_gpu_token = spec.flops_per_token(model, cfg.data.seq_len) / cfg.distributed.tp_size
-    throughput = Throughput(flops_per_gpu_token, device_peak_flops(cfg.logging.peak_flops), env.world_size)
+    throughput = Throughput(flops_per_gpu_token, device_peak_flops(cfg.logging.peak_flops))
     dtype = autocast_dtype(cfg.distributed)
     result = TrainResult(step=step, preempted_by=None, losses={}, val_losses={}, skipped_steps=[], dump_dir=dump_dir, last_checkpoint=latest)
     step_rate = RecentStepRate(cfg.steps)  # ETA from the last few logged intervals
