@@ -182,7 +182,7 @@ def validation_loss(model: nn.Module, cfg: TrainArgs, env: DistributedEnv, mesh:
     batch_size = cfg.validation.batch_size or cfg.data.batch_size
     max_batches = cfg.validation.max_batches if cfg.validation.max_batches > 0 else None
     dp_rank, dp_size = dp_rank_and_size(mesh)
-    dtype = autocast_dtype(cfg.distributed)
+    dtype = autocast_dtype(cfg.distributed.model_dtype)
     results: dict[str, float] = {}
     was_training = model.training
     model.eval()
@@ -281,7 +281,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     with contextlib.ExitStack() as stack:
         loop = _Loop(
             cfg=cfg, spec=spec, env=env, mesh=mesh, dp_size=dp_size, model=model, optimizer=optimizer, scheduler=scheduler,
-            checkpoints=checkpoints, result=result, tokens_per_step=tokens_per_step, dtype=autocast_dtype(cfg.distributed),
+            checkpoints=checkpoints, result=result, tokens_per_step=tokens_per_step, dtype=autocast_dtype(cfg.distributed.model_dtype),
             throughput=Throughput(flops_per_gpu_token, device_peak_flops(cfg.logging.peak_flops)),
             step_rate=RecentStepRate(cfg.steps),  # ETA from the last few logged intervals
             metrics=stack.enter_context(MetricLogger(metric_path(dump_dir), cfg.logging.wandb, cfg.name, to_dict(cfg)) if env.is_main else NullLogger()),
