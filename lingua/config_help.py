@@ -17,6 +17,8 @@ import types
 import typing
 from typing import Any, Literal
 
+from lingua.ranges import ANY_RANGE, range_text, ranges_of
+
 _MISSING = "???"  # OmegaConf's marker of a required value
 
 
@@ -120,8 +122,6 @@ def _module_name(cls: type) -> str:
 def _entries(cls: type, defaults: Any, prefix: str, derived: dict[str, str], lines: list[str]) -> None:
     """Lines for the fields of `cls`; `defaults` is the section's default instance (a nested
     section's factory may set other values than the class declares), or None."""
-    from lingua.args import ANY_RANGE, range_text, ranges_of
-
     comments = field_comments(cls)
     ranges = ranges_of(cls)
     hints = _hints(cls)

@@ -104,8 +104,10 @@ def detect_env(args: DistributedArgs) -> DistributedEnv:
     return DistributedEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def autocast_dtype(args: DistributedArgs) -> torch.dtype | None:
-    return torch.bfloat16 if args.model_dtype == "bf16" else None
+def autocast_dtype(model_dtype: str) -> torch.dtype | None:
+    """The autocast dtype of a compute dtype name (`distributed.model_dtype`, an eval's `dtype`):
+    bf16 -> torch.bfloat16; fp32 -> None (no autocast)."""
+    return torch.bfloat16 if model_dtype == "bf16" else None
 
 
 # ---------------------------------------------------------------------------------------------

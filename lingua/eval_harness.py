@@ -27,6 +27,7 @@ from lm_eval.api.model import LM
 
 from lingua.args import ConfigError, InputError
 from lingua.data import DataArgs, iter_validation_batches
+from lingua.generation import cut_at_stops
 from lingua.hub import hub_unreachable_reason
 from lingua.metrics import format_duration
 from lingua.tokenizer import Tokenizer
@@ -242,12 +243,6 @@ class GenerationOptions:
 
 
 GenerateFn = Callable[[list[str], GenerationOptions], list[str]]  # prompts -> continuations
-
-
-def cut_at_stops(text: str, until: Sequence[str]) -> str:
-    """`text` up to the first occurrence of any stop string."""
-    cut = min((text.index(s) for s in until if s and s in text), default=len(text))
-    return text[:cut]
 
 
 def greedy_generate(logits_fn: LogitsFn, tokenizer: Tokenizer, max_length: int, device: torch.device, seed: int = 0) -> GenerateFn:

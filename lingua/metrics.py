@@ -110,10 +110,9 @@ class Throughput:
     `excluding(kind)` blocks (validation, checkpoint saves, evaluation) is left out and reported
     on its own as `time/<kind>_s`."""
 
-    def __init__(self, flops_per_token: float, peak_flops: float | None, world_size: int = 1) -> None:
+    def __init__(self, flops_per_token: float, peak_flops: float | None) -> None:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
-        self.world_size = world_size
         self._start = time.perf_counter()
         self._tokens = 0
         self._excluded: dict[str, float] = {}

@@ -182,7 +182,7 @@ def validation_loss(model: nn.Module, cfg: TrainArgs, env: DistributedEnv, mesh:
     batch_size = cfg.validation.batch_size or cfg.data.batch_size
     max_batches = cfg.validation.max_batches if cfg.validation.max_batches > 0 else None
     dp_rank, dp_size = dp_rank_and_size(mesh)
-    dtype = autocast_dtype(cfg.distributed)
+    dtype = autocast_dtype(cfg.distributed.model_dtype)
     results: dict[str, float] = {}
     was_training = model.training
     model.eval()
@@ -277,106 +277,163 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.grad_acc_steps  # per data-parallel rank
     flops_per_gpu_token = spec.flops_per_token(model, cfg.data.seq_len) / cfg.distributed.tp_size
-    throughput = Throughput(flops_per_gpu_token, device_peak_flops(cfg.logging.peak_flops), env.world_size)
-    dtype = autocast_dtype(cfg.distributed)
     result = TrainResult(step=step, preempted_by=None, losses={}, val_losses={}, skipped_steps=[], dump_dir=dump_dir, last_checkpoint=latest)
-    step_rate = RecentStepRate(cfg.steps)  # ETA from the last few logged intervals
-    set_gradient_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP: sync on the last micro-step only
-
-    def run_validation() -> None:
-        if cfg.validation.every <= 0:
-            return
-        with throughput.excluding("validation"):
-            record = validation_loss(model, cfg, env, mesh)
-        if "val/loss" in record:
-            result.val_losses[step] = record["val/loss"]
-            logger.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in record.items()))
-            metrics.log({"step": step, **record})
-
     with contextlib.ExitStack() as stack:
-        metrics = stack.enter_context(MetricLogger(metric_path(dump_dir), cfg.logging.wandb, cfg.name, to_dict(cfg)) if env.is_main else NullLogger())
+        loop = _Loop(
+            cfg=cfg, spec=spec, env=env, mesh=mesh, dp_size=dp_size, model=model, optimizer=optimizer, scheduler=scheduler,
+            checkpoints=checkpoints, result=result, tokens_per_step=tokens_per_step, dtype=autocast_dtype(cfg.distributed.model_dtype),
+            throughput=Throughput(flops_per_gpu_token, device_peak_flops(cfg.logging.peak_flops)),
+            step_rate=RecentStepRate(cfg.steps),  # ETA from the last few logged intervals
+            metrics=stack.enter_context(MetricLogger(metric_path(dump_dir), cfg.logging.wandb, cfg.name, to_dict(cfg)) if env.is_main else NullLogger()),
+        )
         batches: Iterator = stack.enter_context(build_dataloader(cfg.data, data_state, dp_rank, dp_size))
         profiler = stack.enter_context(maybe_profile(cfg.profiling, dump_dir, start_step=step, rank=env.rank))
         preemption = stack.enter_context(PreemptionWatcher(cfg.preemption_check_every))
         model.train()
         if step == 0:
-            run_validation()
-        window_losses: list[torch.Tensor] = []
-        window_norms: list[torch.Tensor] = []
+            _validate(loop, step)
         while step < cfg.steps:
-            for micro_step in range(cfg.grad_acc_steps):
-                if set_gradient_sync is not None:
-                    set_gradient_sync(micro_step == cfg.grad_acc_steps - 1)
-                batch, data_state = next(batches)
-                inputs, targets = _to_device(batch, env.device)
-                with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = model(inputs, targets)
-                (loss / cfg.grad_acc_steps).backward()
-                window_losses.append(loss.detach().float())
-            if dp_size > 1:  # FSDP reduced the dense gradients; row-sparse ones (memory values) are averaged here
-                all_reduce_row_grads(optimizer, dp_group(mesh))
-            grad_norm = clip_gradients(model.parameters(), optimizer, cfg.optim)
+            data_state, step_lr = _optimizer_step(loop, batches, step + 1)
             step += 1
-            step_lr = scheduler.get_last_lr()[0]  # the lr of this step's update (logged)
-            if cfg.on_nonfinite == "skip" and _nonfinite_anywhere(window_losses[-cfg.grad_acc_steps :], grad_norm, mesh):
-                del window_losses[-cfg.grad_acc_steps :]  # the step's data is consumed, its update dropped
-                result.skipped_steps.append(step)
-                logger.warning("step %d: non-finite loss or gradient norm, update skipped (on_nonfinite=skip)", step)
-            else:
-                window_norms.append(grad_norm.detach().float())
-                optimizer.step()
-            scheduler.step()  # a skipped update still takes its step of the schedule
-            optimizer.zero_grad(set_to_none=True)
-            throughput.add_tokens(tokens_per_step)
             profiler.step()
-
             stop_signal = preemption.agreed_signal(env.device, step)
             is_final = step == cfg.steps or stop_signal is not None
             must_save = checkpoints.should_save(step, final=is_final)
-            if (step % cfg.logging.freq == 0 or is_final or must_save) and window_norms:
-                step_losses = dp_mean(torch.stack(window_losses).view(-1, cfg.grad_acc_steps).mean(dim=1), mesh)
-                _check_finite(step_losses, window_norms, step)
-                record = {
-                    "step": step,
-                    "loss": step_losses[-1].item(),
-                    "grad_norm": window_norms[-1].item(),
-                    "lr": step_lr,
-                    "tokens": step * tokens_per_step * dp_size,
-                    **throughput.measure(),
-                    **memory_stats(),
-                    **(spec.log_metrics(model) if spec.log_metrics else {}),
-                    **({"skipped_steps": len(result.skipped_steps)} if result.skipped_steps else {}),
-                }
-                result.losses[step] = record["loss"]
-                eta = step_rate.eta_s(step)
-                metrics.log(record)
-                if env.is_main:
-                    logger.info(progress_line(record, cfg.steps, eta))
-                window_losses.clear()
-                window_norms.clear()
+            if (step % cfg.logging.freq == 0 or is_final or must_save) and loop.window_norms:
+                _log(loop, step, step_lr)
             if cfg.validation.every > 0 and (step % cfg.validation.every == 0 or step == cfg.steps):
-                run_validation()
+                _validate(loop, step)
             if must_save:
-                train_state = {"scheduler": scheduler.state_dict(), "data": data_state.to_dict()}
-                with throughput.excluding("checkpoint"):
-                    result.last_checkpoint = checkpoints.save(step, model, optimizer, train_state, to_dict(cfg))
-                if checkpoints.is_eval_step(step) and cfg.eval is not None and spec.evaluate is not None:
-                    with throughput.excluding("eval"):
-                        record = _evaluate(spec, cfg, result.last_checkpoint, step, env)
-                    metrics.log({"step": step, **record})
+                _save(loop, step, data_state)
+                _evaluate_if_due(loop, step)
             if stop_signal is not None:
-                result.preempted_by = signal.Signals(stop_signal).name
-                if env.is_main:
-                    logger.warning(
-                        "stopped by %s at step %d: checkpoint %s holds it; the same command resumes from there",
-                        result.preempted_by, step, result.last_checkpoint,
-                    )
-                if stop_signal in REQUEUE_SIGNALS and env.is_main:
-                    requeue_slurm_job()
+                _stop(loop, step, stop_signal)
                 break
     result.step = step
     _end_distributed()
     return result
+
+
+@dataclass
+class _Loop:
+    """What the training loop's steps share: the run's config and parts, built once by `train`,
+    and the loss and gradient-norm window accumulated between two log points."""
+
+    cfg: TrainArgs
+    spec: ModelSpec
+    env: DistributedEnv
+    mesh: DeviceMesh | None
+    dp_size: int
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    checkpoints: CheckpointManager
+    metrics: MetricLogger | NullLogger
+    throughput: Throughput
+    step_rate: RecentStepRate
+    result: TrainResult
+    tokens_per_step: int  # per data-parallel rank
+    dtype: torch.dtype | None  # autocast dtype; None: no autocast
+    window_losses: list[torch.Tensor] = field(default_factory=list)  # per micro-step, on the device
+    window_norms: list[torch.Tensor] = field(default_factory=list)  # per applied update, on the device
+
+
+def _optimizer_step(loop: _Loop, batches: Iterator, step: int) -> tuple[DataLoaderState, float]:
+    """Optimizer step `step` (from 1): grad_acc_steps micro-batches forward and backward, gradients
+    clipped, the update applied (or dropped on a non-finite loss with on_nonfinite=skip), the
+    schedule advanced. Returns the data state after its last batch and the lr of the update."""
+    cfg, model, optimizer = loop.cfg, loop.model, loop.optimizer
+    set_gradient_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP: sync on the last micro-step only
+    for micro_step in range(cfg.grad_acc_steps):
+        if set_gradient_sync is not None:
+            set_gradient_sync(micro_step == cfg.grad_acc_steps - 1)
+        batch, data_state = next(batches)
+        inputs, targets = _to_device(batch, loop.env.device)
+        with torch.autocast(loop.env.device.type, dtype=loop.dtype, enabled=loop.dtype is not None):
+            loss = model(inputs, targets)
+        (loss / cfg.grad_acc_steps).backward()
+        loop.window_losses.append(loss.detach().float())
+    if loop.dp_size > 1:  # FSDP reduced the dense gradients; row-sparse ones (memory values) are averaged here
+        all_reduce_row_grads(optimizer, dp_group(loop.mesh))
+    grad_norm = clip_gradients(model.parameters(), optimizer, cfg.optim)
+    step_lr = loop.scheduler.get_last_lr()[0]  # the lr of this step's update (logged)
+    if cfg.on_nonfinite == "skip" and _nonfinite_anywhere(loop.window_losses[-cfg.grad_acc_steps :], grad_norm, loop.mesh):
+        del loop.window_losses[-cfg.grad_acc_steps :]  # the step's data is consumed, its update dropped
+        loop.result.skipped_steps.append(step)
+        logger.warning("step %d: non-finite loss or gradient norm, update skipped (on_nonfinite=skip)", step)
+    else:
+        loop.window_norms.append(grad_norm.detach().float())
+        optimizer.step()
+    loop.scheduler.step()  # a skipped update still takes its step of the schedule
+    optimizer.zero_grad(set_to_none=True)
+    loop.throughput.add_tokens(loop.tokens_per_step)
+    return data_state, step_lr
+
+
+def _log(loop: _Loop, step: int, step_lr: float) -> None:
+    """The metrics of the window since the last log point (its finiteness checked first), logged
+    at `step`; the window is emptied."""
+    cfg, result = loop.cfg, loop.result
+    step_losses = dp_mean(torch.stack(loop.window_losses).view(-1, cfg.grad_acc_steps).mean(dim=1), loop.mesh)
+    _check_finite(step_losses, loop.window_norms, step)
+    record = {
+        "step": step,
+        "loss": step_losses[-1].item(),
+        "grad_norm": loop.window_norms[-1].item(),
+        "lr": step_lr,
+        "tokens": step * loop.tokens_per_step * loop.dp_size,
+        **loop.throughput.measure(),
+        **memory_stats(),
+        **(loop.spec.log_metrics(loop.model) if loop.spec.log_metrics else {}),
+        **({"skipped_steps": len(result.skipped_steps)} if result.skipped_steps else {}),
+    }
+    result.losses[step] = record["loss"]
+    eta = loop.step_rate.eta_s(step)
+    loop.metrics.log(record)
+    if loop.env.is_main:
+        logger.info(progress_line(record, cfg.steps, eta))
+    loop.window_losses.clear()
+    loop.window_norms.clear()
+
+
+def _validate(loop: _Loop, step: int) -> None:
+    """The validation loss at `step` (when validation.every > 0), kept in the result and logged."""
+    if loop.cfg.validation.every <= 0:
+        return
+    with loop.throughput.excluding("validation"):
+        record = validation_loss(loop.model, loop.cfg, loop.env, loop.mesh)
+    if "val/loss" in record:
+        loop.result.val_losses[step] = record["val/loss"]
+        logger.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in record.items()))
+        loop.metrics.log({"step": step, **record})
+
+
+def _save(loop: _Loop, step: int, data_state: DataLoaderState) -> None:
+    """A checkpoint of `step`: model, optimizer, schedule and data state (the result points at it)."""
+    train_state = {"scheduler": loop.scheduler.state_dict(), "data": data_state.to_dict()}
+    with loop.throughput.excluding("checkpoint"):
+        loop.result.last_checkpoint = loop.checkpoints.save(step, loop.model, loop.optimizer, train_state, to_dict(loop.cfg))
+
+
+def _evaluate_if_due(loop: _Loop, step: int) -> None:
+    """The `eval` section on the checkpoint just saved, when `step` is an eval step and the app can evaluate."""
+    if loop.checkpoints.is_eval_step(step) and loop.cfg.eval is not None and loop.spec.evaluate is not None:
+        with loop.throughput.excluding("eval"):
+            record = _evaluate(loop.spec, loop.cfg, loop.result.last_checkpoint, step, loop.env)
+        loop.metrics.log({"step": step, **record})
+
+
+def _stop(loop: _Loop, step: int, stop_signal: int) -> None:
+    """A run stopped by a signal at `step` (after its checkpoint): recorded, and requeued under SLURM when the signal asks."""
+    result = loop.result
+    result.preempted_by = signal.Signals(stop_signal).name
+    if loop.env.is_main:
+        logger.warning(
+            "stopped by %s at step %d: checkpoint %s holds it; the same command resumes from there",
+            result.preempted_by, step, result.last_checkpoint,
+        )
+    if stop_signal in REQUEUE_SIGNALS and loop.env.is_main:
+        requeue_slurm_job()
 
 
 def _decided_on_main(decide: Callable[[], T]) -> T:

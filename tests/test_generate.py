@@ -12,6 +12,7 @@ from apps.main.train import MODEL_SPEC, MainTrainArgs
 from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import InputError, config_from_dict
 from lingua.checkpoint import consolidate
+from lingua.generation import cut_at_stops
 from lingua.synthetic import write_corpus
 from lingua.tokenizer import ByteTokenizer
 from lingua.trainer import train
@@ -60,6 +61,12 @@ def test_until_stops_and_is_cut():
     stop = full[3:5]
     cut = Generator(model, tokenizer, GeneratorArgs(max_gen_len=12, until=[stop])).generate(["hello"])[0]
     assert cut == full[: full.index(stop)]
+
+
+def test_cut_at_stops_cuts_at_the_earliest_stop_of_any():
+    assert cut_at_stops("a\nQ: b", ["Q", "\nQ"]) == "a"  # the later-listed stop starts first
+    assert cut_at_stops("abc", ["", "x"]) == "abc"  # empty stops never cut
+    assert cut_at_stops("one. two.", ["."]) == "one"
 
 
 def test_sampling_filters():

@@ -25,6 +25,7 @@ from apps.main.transformer import LMTransformer
 from lingua.args import ConfigError, cli_main, to_dict
 from lingua.checkpoint import STEP_DIR, resolve_checkpoint
 from lingua.data import DataArgs
+from lingua.distributed import autocast_dtype
 from lingua.eval_harness import (
     EvalArgs,
     GenerateFn,
@@ -44,13 +45,9 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.eval.jsonl"
 
 
-def _autocast_dtype(name: str) -> torch.dtype | None:
-    return torch.bfloat16 if name == "bf16" else None
-
-
 def model_logits_fn(model: LMTransformer, dtype: str = "fp32") -> LogitsFn:
     """tokens [B, S] -> logits [B, S, V] of the model in eval mode, under autocast for bf16."""
-    autocast = _autocast_dtype(dtype)
+    autocast = autocast_dtype(dtype)
     device_type = next(model.parameters()).device.type
 
     @torch.no_grad()

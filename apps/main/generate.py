@@ -15,10 +15,11 @@ from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
-from apps.main.train import MainTrainArgs, build_model
+from apps.main.model import MainTrainArgs, build_model
 from apps.main.transformer import LMTransformer
 from lingua.args import ConfigError, cli_main
 from lingua.checkpoint import load_trained_model
+from lingua.generation import cut_at_stops
 from lingua.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -125,14 +126,8 @@ class Generator:
             mask = (positions[None, : cur + 1] >= pad_B[:, None]).view(batch, 1, 1, cur + 1)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 logits = self.model.forward_cached(next_B[:, None], (cur - pad_B)[:, None], mask, caches, cur)[:, -1]
-        return [self._finish(tokens) for tokens in generated]
+        return [cut_at_stops(self.tokenizer.decode(tokens), self.args.until) for tokens in generated]
 
-    def _finish(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode(tokens)
-        for stop in self.args.until:
-            if stop in text:
-                text = text[: text.index(stop)]
-        return text
 
 
 def load_model_and_tokenizer(ckpt: str, device: str = "auto") -> tuple[LMTransformer, Tokenizer, MainTrainArgs]:

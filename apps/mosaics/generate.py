@@ -18,6 +18,7 @@ from apps.main.generate import GenerateArgs, GeneratorArgs, generate_and_print, 
 from apps.mosaics.train import MosaicsTrainArgs, build_model
 from lingua.args import cli_main
 from lingua.checkpoint import load_trained_model
+from lingua.generation import cut_at_stops
 from lingua.mosaics.model import MosaicsLM
 from lingua.tokenizer import Tokenizer
 
@@ -74,11 +75,7 @@ class MosaicsGenerator:
         for prompt in prompts:
             prompt_tokens = self.tokenizer.encode(prompt, add_bos=True)
             tokens, _ = generate_tokens(self.model, prompt_tokens, self.args, generator, self.tokenizer.eos_id)
-            text = self.tokenizer.decode(tokens)
-            for stop in self.args.until:
-                if stop in text:
-                    text = text[: text.index(stop)]
-            outputs.append(text)
+            outputs.append(cut_at_stops(self.tokenizer.decode(tokens), self.args.until))
         return outputs
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +34,6 @@ from lingua.mosaics.contextual import (
 from lingua.mosaics.gated_scan import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, GatedImpl
 from lingua.mosaics.lm_base import MosaicsLMBase
 from lingua.transformer import FeedForward, RMSNorm, document_ids, positions_in_documents, trunc_normal_
-
-if TYPE_CHECKING:
-    from lingua.mosaics.model import MosaicsArgs
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +71,20 @@ class MosaicsV2Args:
         return 3 * dim if self.ffn_dim == -1 else self.ffn_dim
 
 
+class V2ModelArgs(Protocol):
+    """The keys of the `model:` section the v2 model reads (`lingua.mosaics.model.MosaicsArgs`
+    provides them; that module builds on this one, so the v2 model names only what it needs)."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    norm_eps: float
+    l2_eps: float
+    skip_tokens: int
+    v2: MosaicsV2Args
+
+
 def block_init_std(width: int, layer_id: int) -> float:
     """The paper's truncated-normal sigma 1 / sqrt(2 width (l + 1)) for block l (from 0)."""
     return (2 * width * (layer_id + 1)) ** -0.5
@@ -82,7 +93,7 @@ def block_init_std(width: int, layer_id: int) -> float:
 class MosaicsV2Block(nn.Module):
     """Pre-norm block: contextual memories (their heads concatenated into one W_o), then SwiGLU."""
 
-    def __init__(self, args: MosaicsArgs, layer_id: int) -> None:
+    def __init__(self, args: V2ModelArgs, layer_id: int) -> None:
         super().__init__()
         v2, C = args.v2, args.dim
         self.layer_id = layer_id
@@ -140,7 +151,7 @@ class V2State:
 class MosaicsV2LM(MosaicsLMBase):
     """tokens (B, T) -> logits (B, T, V), or the mean cross-entropy when targets are given."""
 
-    def __init__(self, args: MosaicsArgs, document_delimiters: tuple[int | None, int | None] = (None, None)) -> None:
+    def __init__(self, args: V2ModelArgs, document_delimiters: tuple[int | None, int | None] = (None, None)) -> None:
         """document_delimiters: the (BOS, EOS) ids; (None, None): each row is one document."""
         super().__init__()
         if args.vocab_size < 1:

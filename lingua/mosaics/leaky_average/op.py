@@ -19,10 +19,6 @@ from lingua.mosaics.leaky_average.naive import discounted_sum_naive, leaky_avera
 LeakyImpl = Literal["naive", "chunked", "op"]
 LeakyForm = Literal["ema", "normalized"]
 
-# Largest chunk of the Triton kernels: their backward holds three [chunk, chunk] decay tiles in
-# shared memory, and at 128 the fp32 kernel needs 260 KiB, more than a Hopper block has (227 KiB).
-MAX_CHUNK_SIZE = 64
-
 
 @torch.library.custom_op("lingua::leaky_scan", mutates_args=())
 def leaky_scan_op(x: Tensor, beta: Tensor, ema: bool, chunk_size: int) -> tuple[Tensor, Tensor]:

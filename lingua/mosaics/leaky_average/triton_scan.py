@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lingua.mosaics.leaky_average.op import MAX_CHUNK_SIZE
+from lingua.mosaics.leaky_average.limits import MAX_CHUNK_SIZE
 
 
 def _interpreted() -> bool:
