@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import traceback
 from collections import deque
 from contextlib import contextmanager, suppress
@@ -37,8 +38,6 @@ logger = logging.getLogger(__name__)
 TRAIN_PATTERN = "*.chunk.*.jsonl"
 VAL_PATTERN = "*.val.jsonl"
 TEXT_KEYS = ("text", "content")
-
-logger = logging.getLogger(__name__)
 
 _START_METHOD = "spawn"  # never fork: the trainer may hold threads (CUDA, NCCL, compile workers)
 _POLL_SECONDS = 0.5  # how often a waiting consumer checks that the producer is alive
@@ -497,6 +496,22 @@ def _consume(conn: Any, slots: Any, process: Any) -> Iterator[tuple[np.ndarray, 
 
 
 @contextmanager
+def _launching_script_hidden() -> Iterator[None]:
+    """While a child is spawned, hide the launching script from multiprocessing: a spawned child
+    otherwise re-imports `__main__` (e.g. apps.main.train with torch and the whole model stack, seconds
+    per start) although the producer needs only this module."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+@contextmanager
 def build_dataloader(
     args: DataArgs, state: DataLoaderState, rank: int, world_size: int
 ) -> Iterator[Iterator[tuple[np.ndarray, DataLoaderState]]]:
@@ -516,7 +531,8 @@ def build_dataloader(
     slots, stop = ctx.Semaphore(args.prefetch_size), ctx.Event()
     process = ctx.Process(target=_produce, args=(args, state, shards, writer, slots, stop),
                           name=f"data-producer-rank{rank}", daemon=True)
-    process.start()
+    with _launching_script_hidden():
+        process.start()
     writer.close()  # the producer now holds the only writer: its exit reads as end-of-file
     try:
         yield _consume(reader, slots, process)

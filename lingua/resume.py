@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
-from lingua.args import ConfigError, flatten_dict
+from lingua.args import ConfigError, flatten_dict, to_dict
 from lingua.checkpoint import PARAMS_FILE
 
 logger = logging.getLogger(__name__)
@@ -115,12 +115,17 @@ class Change:
         return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
 
 
-def config_changes(old: dict, new: dict) -> list[Change]:
-    """Every dotted key whose value differs between two nested config dicts, in key order."""
+def config_changes(old: dict, new: dict, defaults: dict | None = None) -> list[Change]:
+    """Every dotted key whose value differs between two nested config dicts, in key order. A key
+    the old config lacks (written before the key existed) whose new value is its default in
+    `defaults` is no change: the default keeps what the code did before the key was added."""
     old_flat, new_flat = flatten_dict(old), flatten_dict(new)
+    default_flat = flatten_dict(defaults) if defaults is not None else {}
     changes = []
     for key in sorted(old_flat.keys() | new_flat.keys()):
         before, after = old_flat.get(key, _UNSET), new_flat.get(key, _UNSET)
+        if before is _UNSET and key in default_flat and after == default_flat[key]:
+            continue
         if before != after:
             changes.append(Change(key, before, after))
     return changes
@@ -158,15 +163,16 @@ class ResumeDecision:
         )
 
 
-def check_resume(new: dict, folder: Path, dump_dir: Path, force: bool) -> ResumeDecision:
-    """Compare the config of a rerun with the one `folder` was written under; raises ConfigError
-    naming every refused change (unless `force`), before anything is written."""
+def check_resume(cfg: Any, folder: Path, dump_dir: Path, force: bool) -> ResumeDecision:
+    """Compare config dataclass `cfg` of a rerun with the one `folder` was written under (keys the
+    old config lacks count at their declared defaults); raises ConfigError naming every refused
+    change (unless `force`), before anything is written."""
     old, source = saved_config(folder, dump_dir)
     decision = ResumeDecision(step=int(folder.name), folder=folder, source=source)
     if old is None:
         logger.warning("checkpoint %s has no readable params.json and %s no config.yaml: its config cannot be compared", folder, dump_dir)
         return decision
-    for change in config_changes(old, new):
+    for change in config_changes(old, to_dict(cfg), to_dict(type(cfg)())):
         (decision.refused if change.refused else decision.applied).append(change)
     if decision.refused and not force:
         raise ConfigError(decision.refusal(dump_dir))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lingua.args import ConfigError, cli_main, dump_config, load_config, to_dict
+from lingua.args import ConfigError, cli_main, dump_config, load_config
 from lingua.checkpoint import step_dirs
 from lingua.resume import check_resume
 
@@ -157,7 +157,7 @@ def _check_rerun(cfg: Any, dump_dir: Path) -> None:
         return
     folders = step_dirs(Path(checkpoint.path or dump_dir / "checkpoints"))
     if folders:
-        check_resume(to_dict(cfg), folders[-1], dump_dir, checkpoint.force_resume)
+        check_resume(cfg, folders[-1], dump_dir, checkpoint.force_resume)
 
 
 def launch(args: StoolArgs) -> str | None:

@@ -236,7 +236,7 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
     latest = checkpoints.latest_sound()
     # A rerun is checked against the config its checkpoint was written under before anything is written.
     if latest is not None:
-        decision = _decided_on_main(lambda: check_resume(to_dict(cfg), latest, dump_dir, cfg.checkpoint.force_resume))
+        decision = _decided_on_main(lambda: check_resume(cfg, latest, dump_dir, cfg.checkpoint.force_resume))
         if decision.step >= cfg.steps:
             logger.info(
                 "run %s is complete: checkpoint %s is at step %d of steps=%d, nothing to train "

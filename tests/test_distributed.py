@@ -91,6 +91,18 @@ def single(data, tmp_path_factory) -> dict[int, float]:
     return losses(dump_dir)
 
 
+FULL_SHARD = ["distributed.fsdp_type=full_shard", "distributed.dp_shard=2"]
+KEEP_ALL = "checkpoint.dump.keep=0"
+
+
+@pytest.fixture(scope="module")
+def full_shard_run(data, tmp_path_factory) -> Path:
+    """One 2-rank FULL_SHARD run keeping every checkpoint, read (never written) by the tests below."""
+    dump_dir = tmp_path_factory.mktemp("full-shard") / "run"
+    run(2, config_args(data[2], dump_dir, *FULL_SHARD, KEEP_ALL))
+    return dump_dir
+
+
 def assert_close(got: dict[int, float], expected: dict[int, float]) -> None:
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     for step in expected:
@@ -101,8 +113,7 @@ def assert_close(got: dict[int, float], expected: dict[int, float]) -> None:
     "layout",
     [
         pytest.param((2, ["distributed.fsdp_type=no_shard"]), id="replicated"),
-        pytest.param((2, ["distributed.fsdp_type=full_shard", "distributed.dp_shard=2"]), id="full_shard"),
-        pytest.param((4, ["distributed.fsdp_type=full_shard", "distributed.dp_shard=2"]), id="hybrid"),
+        pytest.param((4, FULL_SHARD), id="hybrid"),
         pytest.param((2, ["distributed.tp_size=2"]), id="tp2"),
     ],
 )
@@ -115,31 +126,45 @@ def test_layout_matches_single_process(layout, data, single, tmp_path):
     assert "dp_shard" in config
 
 
-def assert_two_rank_resume_is_exact(data: dict[int, Path], tmp_path: Path, extra: list[str]) -> None:
-    """A 2-rank run resumed from its step-4 checkpoint logs the uninterrupted run's losses exactly."""
-    extra = [*extra, "checkpoint.dump.keep=0"]
-    run(2, config_args(data[2], tmp_path / "full", *extra))
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "0000000004", tmp_path / "resumed" / "checkpoints" / "0000000004")
+def test_full_shard_matches_single_process(full_shard_run, single):
+    assert_close(losses(full_shard_run), single)
+    assert "dp_shard" in (full_shard_run / "config.yaml").read_text()
+
+
+def copy_checkpoint(run_dir: Path, step: int, dump_dir: Path) -> None:
+    """A new dump_dir holding only run_dir's checkpoint of `step`."""
+    name = f"{step:010d}"
+    (dump_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / name, dump_dir / "checkpoints" / name)
+
+
+def assert_two_rank_resume_is_exact(data: dict[int, Path], tmp_path: Path, extra: list[str], full: Path | None = None) -> None:
+    """A 2-rank run resumed from its step-4 checkpoint logs the uninterrupted run's losses exactly.
+    `full` is an uninterrupted run of `extra` + KEEP_ALL already made; by default it runs at tmp_path/full."""
+    extra = [*extra, KEEP_ALL]
+    if full is None:
+        full = tmp_path / "full"
+        run(2, config_args(data[2], full, *extra))
+    copy_checkpoint(full, 4, tmp_path / "resumed")
     run(2, config_args(data[2], tmp_path / "resumed", *extra))
-    resumed, full = losses(tmp_path / "resumed"), losses(tmp_path / "full")
+    resumed, uninterrupted = losses(tmp_path / "resumed"), losses(full)
     assert sorted(resumed) == list(range(5, STEPS + 1))
-    assert resumed == {step: full[step] for step in resumed}
+    assert resumed == {step: uninterrupted[step] for step in resumed}
 
 
-def test_two_rank_resume_is_exact(data, tmp_path):
-    assert_two_rank_resume_is_exact(data, tmp_path, ["distributed.fsdp_type=full_shard", "distributed.dp_shard=2"])
+def test_two_rank_resume_is_exact(data, full_shard_run, tmp_path):
+    assert_two_rank_resume_is_exact(data, tmp_path, FULL_SHARD, full=full_shard_run)
 
 
-def test_checkpoint_reloads_on_other_world_size(data, tmp_path):
+def test_checkpoint_reloads_on_other_world_size(data, full_shard_run, tmp_path):
     """A 2-rank FSDP checkpoint resumes model and optimizer in one process (the data stream restarts)."""
-    run(2, config_args(data[2], tmp_path / "run", "distributed.fsdp_type=full_shard", "distributed.dp_shard=2", "steps=4"))
+    copy_checkpoint(full_shard_run, 4, tmp_path / "run")
     consolidated = torch.load(consolidate(tmp_path / "run" / "checkpoints" / "0000000004"), weights_only=True)["model"]
     assert consolidated["layers.0.attention.wq.weight"].shape == (32, 32)  # whole, not a shard
     # The single process reads a root of one chunk: a data change resume refuses unless forced.
     result = run(1, config_args(data[1], tmp_path / "run", f"steps={STEPS}", "checkpoint.force_resume=true"))
     assert "data stream restarts" in result.stderr
-    assert sorted(losses(tmp_path / "run")) == list(range(1, STEPS + 1))
+    assert sorted(losses(tmp_path / "run")) == list(range(5, STEPS + 1))  # continued from step 4
 
 
 MEMORY = [
@@ -158,29 +183,37 @@ def final_table(dump_dir: Path) -> torch.Tensor:
     return torch.load(consolidate(folder), weights_only=True)["model"]["memory_values.weight"]
 
 
+@pytest.fixture(scope="module")
+def memory_single(data, tmp_path_factory) -> Path:
+    """The single-process memory-model run (device values) the multi-rank memory layouts must match."""
+    dump_dir = tmp_path_factory.mktemp("memory-single") / "run"
+    run(1, config_args(data[1], dump_dir, *MEMORY))
+    return dump_dir
+
+
 @pytest.mark.parametrize("zero_copy", [False, True], ids=["device_values", "zero_copy"])
-def test_memory_model_two_ranks_match_single_process(zero_copy, data, tmp_path):
+def test_memory_model_two_ranks_match_single_process(zero_copy, data, memory_single, tmp_path):
     """Value tables stay out of FSDP, replicated (on the device) or one per node (zero-copy, the
     ranks updating disjoint rows of a shared host table); their row-sparse gradients are averaged
-    over the ranks. Losses and the checkpoint's one table match a single process."""
+    over the ranks. Losses and the checkpoint's one table match a single process of the same kind."""
     extra = [*MEMORY, f"model.productkey_args.zero_copy={str(zero_copy).lower()}"]
-    run(1, config_args(data[1], tmp_path / "single", *extra))
-    run(2, config_args(data[2], tmp_path / "two", *extra, "distributed.fsdp_type=full_shard", "distributed.dp_shard=2"))
-    assert_close(losses(tmp_path / "two"), losses(tmp_path / "single"))
-    single_table, two_table = final_table(tmp_path / "single"), final_table(tmp_path / "two")
+    single = memory_single
+    if zero_copy:
+        single = tmp_path / "single"
+        run(1, config_args(data[1], single, *extra))
+    run(2, config_args(data[2], tmp_path / "two", *extra, *FULL_SHARD))
+    assert_close(losses(tmp_path / "two"), losses(single))
+    single_table, two_table = final_table(single), final_table(tmp_path / "two")
     torch.testing.assert_close(two_table, single_table, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_memory_parallel_matches_single_process(nproc, data, tmp_path):
+def test_memory_parallel_matches_single_process(nproc, data, memory_single, tmp_path):
     """Value tables sharded by columns over pairs of ranks (4 ranks: two pairs, replicas of each
     other's slices): the losses and the checkpoint's whole table match a single process."""
-    single = tmp_path / "single"
-    run(1, config_args(data[1], single, *MEMORY))
-    run(nproc, config_args(data[nproc], tmp_path / "mp", *MEMORY, "distributed.memory_parallel_size=2",
-                           "distributed.fsdp_type=full_shard", "distributed.dp_shard=2"))
-    assert_close(losses(tmp_path / "mp"), losses(single))
-    torch.testing.assert_close(final_table(tmp_path / "mp"), final_table(single), rtol=1e-4, atol=1e-6)
+    run(nproc, config_args(data[nproc], tmp_path / "mp", *MEMORY, "distributed.memory_parallel_size=2", *FULL_SHARD))
+    assert_close(losses(tmp_path / "mp"), losses(memory_single))
+    torch.testing.assert_close(final_table(tmp_path / "mp"), final_table(memory_single), rtol=1e-4, atol=1e-6)
 
 
 def test_memory_parallel_two_rank_resume_is_exact(data, tmp_path):
@@ -227,7 +260,7 @@ def test_zero_copy_two_rank_resume_is_exact(data, tmp_path):
 
 def test_killed_rank_fails_the_job(data, tmp_path):
     """SIGKILL of one training rank mid-run: the job exits non-zero promptly, every rank ends."""
-    args = config_args(data[2], tmp_path / "run", "distributed.fsdp_type=full_shard", "distributed.dp_shard=2", "steps=100000", "distributed.timeout_s=20")
+    args = config_args(data[2], tmp_path / "run", *FULL_SHARD, "steps=100000", "distributed.timeout_s=20")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "apps.main.train", *args]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = tmp_path / "run" / "metrics.jsonl"

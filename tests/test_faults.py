@@ -10,6 +10,7 @@ tests/test_slurm.py.)
 
 import errno
 import importlib
+import json
 import os
 import random
 import signal
@@ -333,10 +334,13 @@ def test_malformed_jsonl_names_file_and_line_or_is_skipped(tmp_path):
     lines = chunk.read_text().splitlines()
     lines.insert(6, '{"text": broken')
     chunk.write_text("\n".join(lines) + "\n")
-    failed = train_cli(run_args(root, tmp_path / "fail", "steps=200"))
+    past_line_7 = ["data.batch_size=16", "steps=20", "checkpoint.dump.every=20"]  # 320 windows of 32 bytes
+    failed = train_cli(run_args(root, tmp_path / "fail", *past_line_7))
     assert failed.returncode == 2 and f"line 7 of '{chunk}'" in failed.stderr
-    skipped = train_cli(run_args(root, tmp_path / "skip", "steps=200", "data.bad_lines=skip"))
+    skipped = train_cli(run_args(root, tmp_path / "skip", *past_line_7, "data.bad_lines=skip"))
     assert skipped.returncode == 0, skipped.stderr[-2000:]
+    state = json.loads((tmp_path / "skip" / "checkpoints" / "0000000020" / "train_state_00000.json").read_text())
+    assert [reader["skipped"] for reader in state["data"]["pack"]["mix"]["readers"].values()] == [1]
 
 
 def test_checkpoint_of_another_model_shape_is_refused(corpus, tmp_path):

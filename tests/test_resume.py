@@ -2,6 +2,7 @@
 changes of the model, data or optimization are refused before anything is written (unless
 forced), a finished run says so, every config key has a rule; Ctrl-C saves at the step end."""
 
+import json
 import logging
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from apps.main.train import MODEL_SPEC, MainTrainArgs
 from apps.mosaics.train import MosaicsTrainArgs
 from lingua.args import flatten_dict, load_config, parse_args, to_dict
-from lingua.checkpoint import step_dirs
+from lingua.checkpoint import PARAMS_FILE, step_dirs, write_manifest
 from lingua.eval_harness import EvalArgs
 from lingua.preemption import PreemptionWatcher
 from lingua.resume import KEY_RULES, classify
@@ -113,6 +114,22 @@ def test_harmless_changes_are_applied_and_listed(corpus, run_dir, caplog):
     assert len(listed) == 1 and "logging.freq: 1 -> 2" in listed[0] and "steps: 4 -> 6" in listed[0]
     saved = load_config(MainTrainArgs, str(run_dir / "config.yaml"))
     assert (saved.steps, saved.logging.freq) == (6, 2)
+
+
+def test_a_key_newer_than_the_checkpoint_counts_as_unchanged_only_at_its_default(corpus, run_dir, caplog):
+    """A checkpoint written before optim.warmup_from_zero existed: the rerun at the key's default
+    resumes (the default is the old behaviour); any other value is refused as `(unset) -> value`."""
+    latest = step_dirs(run_dir / "checkpoints")[-1]
+    params = json.loads((latest / PARAMS_FILE).read_text())
+    del params["optim"]["warmup_from_zero"]
+    (latest / PARAMS_FILE).write_text(json.dumps(params))
+    write_manifest(latest)
+    refused = train_cli(run_args(corpus, run_dir, *FAST, "steps=6", "optim.warmup_from_zero=true"))
+    assert refused.returncode == 2 and "optim.warmup_from_zero: (unset) -> True" in refused.stderr, refused.stderr[-2000:]
+    with caplog.at_level(logging.INFO, logger="lingua"):
+        result = rerun(corpus, run_dir, "steps=6")
+    assert sorted(result.losses) == [5, 6]
+    assert not any("warmup_from_zero" in m for m in caplog.messages)
 
 
 @pytest.mark.parametrize("steps", [4, 3])
