@@ -1,5 +1,8 @@
 """Test session setup: Triton kernels run through the Triton interpreter on machines without CUDA,
-compiled on the GPU otherwise (the `device` fixture puts kernel tests' tensors there).
+compiled on the GPU otherwise (the `device` fixture puts kernel tests' tensors there). Under
+pytest-xdist each worker gets its share of the cores as threads (OMP_NUM_THREADS, inherited by the
+commands the tests start, unless already set): torch's default of one thread per core in every
+worker oversubscribes the cores, and its threads then wait on each other (steps about 10x slower).
 
 TRITON_INTERPRET must be set before any @triton.jit function is defined, i.e. before the modules
 holding kernels are imported; conftest.py is loaded before the test modules.
@@ -12,6 +15,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture
