@@ -30,6 +30,7 @@ from lingua.data import DataArgs, iter_validation_batches
 from lingua.generation import cut_at_stops
 from lingua.hub import hub_unreachable_reason
 from lingua.metrics import format_duration
+from lingua.precision import accumulation_dtype
 from lingua.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def score_sequences(
         logits = logits_fn(tokens.to(device))
         rows_t, pos_t = torch.tensor(row_idx, device=logits.device), torch.tensor(pos_idx, device=logits.device)
         selected = logits[rows_t, pos_t]
-        logprobs_NV = selected.to(torch.promote_types(selected.dtype, torch.float32)).log_softmax(dim=-1)
+        logprobs_NV = selected.to(accumulation_dtype(selected.dtype)).log_softmax(dim=-1)
         target_N = torch.tensor(targets, device=logits.device)
         token_lp = logprobs_NV.gather(1, target_N[:, None]).squeeze(1).double().cpu()
         greedy = (logprobs_NV.argmax(dim=-1) == target_N).cpu()

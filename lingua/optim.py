@@ -24,6 +24,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.adam import adam as functional_adam
 from torch.optim.lr_scheduler import LambdaLR
 
+from lingua.precision import accumulation_dtype
+
 
 SchedulerName = Literal["constant", "linear", "inv_sqrt", "cosine", "wsd"]
 RowUpdate = Literal["lazy", "dense", "rowwise_adagrad"]  # update rule of a row-sparse group (see AdamW)
@@ -293,7 +295,7 @@ def row_update_(p_rows: Tensor, m_rows: Tensor | None, v_rows: Tensor | None, st
 def update_rows_(table: Tensor, moments: tuple[Tensor, Tensor] | None, step: RowStep) -> Tensor:
     """`row_update_` applied in place to rows step.rows of `table` (and of the moments, when given),
     read and written by index; returns the updated rows in the accumulation dtype."""
-    p_rows = table.index_select(0, step.rows).to(torch.promote_types(table.dtype, torch.float32))
+    p_rows = table.index_select(0, step.rows).to(accumulation_dtype(table.dtype))
     m_rows, v_rows = (moments[0].index_select(0, step.rows), moments[1].index_select(0, step.rows)) if moments else (None, None)
     row_update_(p_rows, m_rows, v_rows, step)
     if moments:
@@ -456,7 +458,7 @@ class AdamW(torch.optim.Optimizer):
             denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
             return
-        acc_dtype = torch.promote_types(param.dtype, torch.float32)
+        acc_dtype = accumulation_dtype(param.dtype)
         if kind == "rowwise_adagrad":
             sum_sq = read(state["row_sum_sq"], rows) + _row_mean_square(param, grad_rows.to(acc_dtype))
             write(state["row_sum_sq"], rows, sum_sq)

@@ -30,9 +30,9 @@ def _cases():
     """(label, kernel, signature of runtime args, constexprs), the constexprs from the launchers."""
     import torch
 
-    from lingua.mosaics.gated_scan.chunked import acc_dtype
     from lingua.mosaics.leaky_average import triton_scan
     from lingua.product_key.embedding_bag import triton_bag
+    from lingua.precision import accumulation_dtype
     from lingua.product_key.zero_copy import kernels as zero_copy
 
     triton_type = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -123,7 +123,7 @@ def _cases():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x = torch.empty(1, 1, 2048, dtype=dtype, device="meta")  # v2 small: 16 heads of 128
         cfg = gated_scan.launch_config(x, n_heads=16, chunk_size=MAX_CHUNK_SIZE)
-        x_t, a = triton_type[dtype], triton_type[acc_dtype(dtype)]
+        x_t, a = triton_type[dtype], triton_type[accumulation_dtype(dtype)]
         inputs = {"x_ptr": f"*{x_t}", "g_ptr": f"*{x_t}", "d_ptr": f"*{x_t}", "doc_ptr": "*u8"}
         scalars = {"T": "i32", "NT": "i32", "eps": "fp32"}
         for has_doc in (True, False) if dtype == torch.bfloat16 else (True,):  # bf16: what training runs

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lingua.precision import accumulation_dtype
 from lingua.product_key.embedding_bag import naive, sparse_cpu
 
 Backend = Literal["auto", "triton", "torch"]
@@ -148,9 +149,13 @@ def _block_d(dim: int) -> int:
     return min(triton.next_power_of_2(dim), 256)
 
 
+_TRITON_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}  # the ACC constexpr of each accumulation dtype
+
+
 def _acc_dtype(values_KD: Tensor) -> tuple[torch.dtype, object]:
-    """(torch, triton) accumulation dtypes: fp32, or fp64 for fp64 tables (gradchecks)."""
-    return (torch.float64, tl.float64) if values_KD.dtype == torch.float64 else (torch.float32, tl.float32)
+    """(torch, triton) accumulation dtypes of a table: `accumulation_dtype` and its Triton twin."""
+    acc = accumulation_dtype(values_KD.dtype)
+    return acc, _TRITON_DTYPE[acc]
 
 
 def _overflow_args(values_KD: Tensor, ids: Tensor, overflow: Overflow | None) -> tuple[object, Tensor, int, int, bool]:
