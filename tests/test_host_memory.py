@@ -1,7 +1,8 @@
 """Host memory of zero-copy tables shared by a node's ranks: the node is found through the
 shared-memory mount, not the host name (2 gloo ranks under torchrun, `worker()` holds the checks);
 a shared file's space is reserved when it is created and a full mount is refused in one line; under
-SLURM the tasks on this node decide whether the capacity check counts the shared-memory mount."""
+SLURM the tasks on this node decide whether the capacity check counts the shared-memory mount, and
+the job's check agrees with each table's."""
 
 from __future__ import annotations
 
@@ -112,3 +113,36 @@ def test_slurm_tasks_on_this_node_decide_the_shared_capacity_check(tasks, node, 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     worker(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_job_and_each_table_check_host_memory_by_one_rule(ranks, monkeypatch, tmp_path):
+    """The job's check before training and each table's check when the trainer allocates it
+    (share_with_node=True) ask the same thing: one copy, with the shared-memory mount counted
+    exactly when the node's ranks map it together."""
+    from apps.main.train import check_host_memory, MainTrainArgs
+    from lingua.args import config_from_dict
+    from lingua.product_key.zero_copy import host, values
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    monkeypatch.setattr(host, "SHM_DIR", str(tmp_path))
+
+    class FirstRankOfNode(host.HostMemory):
+        """The first of this node's ranks, without a process group (nobody to tell)."""
+
+        def __init__(self, share_with_node: bool = False) -> None:
+            super().__init__()
+            self.local_size = ranks if share_with_node else 1
+
+    monkeypatch.setattr(values, "HostMemory", FirstRankOfNode)
+    asked: list[bool] = []
+    monkeypatch.setattr(host, "available_host_bytes", lambda shared: asked.append(shared) or 2**40)
+    cfg = config_from_dict(MainTrainArgs, {
+        "dump_dir": str(tmp_path / "run"),
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2,
+                  "productkey_args": {"is_enabled": True, "layers": "1", "mem_n_keys": 8, "mem_k_dim": 8, "mem_knn": 4, "zero_copy": True}},
+    })
+    check_host_memory(cfg)
+    values.ZeroCopyValues(64, 32, None, 0.0, "lazy", True).materialize(share_with_node=True)
+    assert asked == [ranks > 1, ranks > 1]

@@ -48,8 +48,16 @@ def available_host_bytes(shared: bool) -> int:
     return available
 
 
-def check_host_capacity(needed_bytes: int, what: str, shared: bool = False) -> None:
-    """Raise a ConfigError naming `what` when the host cannot hold needed_bytes (leaving 10% spare)."""
+def check_host_capacity(needed_bytes: int, what: str, sharing_ranks: int) -> None:
+    """Raise a ConfigError naming `what` when this node cannot hold needed_bytes (leaving 10% spare).
+
+    needed_bytes are the bytes of ONE copy of the host tensors; sharing_ranks is the number of this
+    node's ranks that map that copy (`HostMemory.local_size`; 1 for private memory). The rule: a
+    copy shared by several ranks lives once per node in SHM_DIR, so it is counted once and must also
+    fit in the mount's free space; a private copy (pageable or page-locked) belongs to the calling
+    rank alone, and every rank that makes one runs this check for its own copy.
+    """
+    shared = sharing_ranks > 1
     available = available_host_bytes(shared)
     if needed_bytes > 0.9 * available:
         where = f"the free space of {SHM_DIR} and host memory" if shared else "available host memory"

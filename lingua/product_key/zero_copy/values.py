@@ -207,8 +207,9 @@ class ZeroCopyValues(nn.Module):
             return
         shape, dtype = tuple(self.weight.shape), self.weight.dtype
         low_bytes = self.weight.numel() * 2 if self.transfer == "bf16" else 0
-        check_host_capacity(self.weight.numel() * self.weight.element_size() + low_bytes, f"the zero-copy value table {shape[0]} x {shape[1]}")
         memory = HostMemory(share_with_node)
+        table_bytes = self.weight.numel() * self.weight.element_size() + low_bytes
+        check_host_capacity(table_bytes, f"the zero-copy value table {shape[0]} x {shape[1]}", memory.local_size)
         weight = nn.Parameter(memory.zeros(shape, dtype), requires_grad=self.weight.requires_grad)
         low = memory.zeros(shape, torch.bfloat16) if self.transfer == "bf16" else None
         self.host = HostRows(memory, weight, low, self.update_on)
