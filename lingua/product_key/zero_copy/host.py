@@ -5,7 +5,7 @@ its optimizer state). One process: ordinary memory. A training job of several pr
 node sharing (`share_with_node=True`, a collective): one shared-memory mapping per tensor, created
 by the node's first rank and mapped by the others, so the node holds ONE table whatever its
 number of GPUs; the rows a step touched are updated by the node's ranks in disjoint shares
-(`owned`). The node's ranks are the ranks that see each other's probe files in the shared-memory
+(`owned_slots`). The node's ranks are the ranks that see each other's probe files in the shared-memory
 mount (never a host name, which two machines may share), and each shared file has its whole
 size reserved when it is created, so a full mount is refused at once in one line instead of
 killing the job with SIGBUS at a later first touch. Anything else (eval, generation, even inside a training job) gets private memory. With CUDA present every tensor is registered with the driver
@@ -220,6 +220,7 @@ class HostMemory:
             fill_normal_(tensor, std, seed)
         self.barrier()
 
-    def owned(self, rows: Tensor) -> Tensor:
-        """The rows (of a step's sorted unique rows) this rank updates: every local_size-th one."""
-        return rows if not self.shared else rows[self.local_rank :: self.local_size]
+    def owned_slots(self, slots: Tensor) -> Tensor:
+        """Of a step's slots (positions 0..U-1 in its sorted unique rows), those this rank updates:
+        every local_size-th one from local_rank."""
+        return slots if not self.shared else slots[self.local_rank :: self.local_size]

@@ -93,7 +93,7 @@ class HostRows:
 
     def prepare(self, rows_U: Tensor, grads_U: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's share of a step's (sorted unique rows, gradients), on the update device."""
-        owned = self.memory.owned(torch.arange(rows_U.numel(), device=rows_U.device))
+        owned = self.memory.owned_slots(torch.arange(rows_U.numel(), device=rows_U.device))
         rows_U, grads_U = rows_U[owned], grads_U[owned]
         if self.update_on == "host":
             rows_U, grads_U = rows_U.cpu(), grads_U.cpu()
