@@ -246,9 +246,9 @@ class GenerationOptions:
 GenerateFn = Callable[[list[str], GenerationOptions], list[str]]  # prompts -> continuations
 
 
-def greedy_generate(logits_fn: LogitsFn, tokenizer: Tokenizer, max_length: int, device: torch.device, seed: int = 0) -> GenerateFn:
+def generate_by_recompute(logits_fn: LogitsFn, tokenizer: Tokenizer, max_length: int, device: torch.device, seed: int = 0) -> GenerateFn:
     """A generate function for any model with a logits function (no KV cache: each step recomputes
-    the last max_length tokens of every row). Samples when options.temperature > 0."""
+    the last max_length tokens of every row): greedy at options.temperature 0, sampled above it."""
 
     @torch.no_grad()
     def generate(prompts: list[str], options: GenerationOptions) -> list[str]:
@@ -293,7 +293,7 @@ class LinguaLM(LM):
     loglikelihood scores every continuation token (the first included) given BOS + context,
     keeping the last max_length + 1 tokens when the pair is longer; loglikelihood_rolling scores
     every token of a text once, in windows of max_length; generate_until calls `generate_fn`
-    (default: `greedy_generate`) per group of equal generation options. Requests are batched by
+    (default: `generate_by_recompute`) per group of equal generation options. Requests are batched by
     length and answered in request order. One process: lm-eval's rank is 0, world size 1.
     """
 
@@ -318,7 +318,7 @@ class LinguaLM(LM):
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
         self.progress_every_s = progress_every_s  # how often a progress line is logged
-        self.generate_fn = generate_fn or greedy_generate(logits_fn, tokenizer, max_length, self._device)
+        self.generate_fn = generate_fn or generate_by_recompute(logits_fn, tokenizer, max_length, self._device)
 
     def _pair_tokens(self, context: str, continuation: str) -> tuple[list[int], int]:
         """BOS + context + continuation tokens (left-truncated to max_length + 1) and the number of

@@ -23,7 +23,7 @@ from lingua.eval_harness import (
     HarnessArgs,
     LinguaLM,
     ValidationEvalArgs,
-    greedy_generate,
+    generate_by_recompute,
     load_tasks,
     rolling_windows,
     validation_metrics,
@@ -158,7 +158,7 @@ def test_rolling_equals_loglikelihood_from_empty_context_when_short():
 def test_generate_until_kv_cache_equals_recompute_and_stops():
     model, tokenizer = tiny_model(seed=2, max_seqlen=48), ByteTokenizer()
     prompts = ["a", "hello there", "The quick brown fox", "x"]
-    free = greedy_generate(model_logits_fn(model), tokenizer, 48, torch.device("cpu"))(prompts, GenerationOptions(max_new_tokens=10))
+    free = generate_by_recompute(model_logits_fn(model), tokenizer, 48, torch.device("cpu"))(prompts, GenerationOptions(max_new_tokens=10))
     lm = LinguaLM(tokenizer, model_logits_fn(model), 48, generate_fn=model_generate_fn(model, tokenizer), batch_size=3)
     fallback = LinguaLM(tokenizer, model_logits_fn(model), 48, batch_size=2)
     kwargs = [{"until": [], "max_gen_toks": 10}, {"until": [free[1][2:4]], "max_gen_toks": 10}, {"max_gen_toks": 3, "until": "\n"}, {"until": [], "max_gen_toks": 10}]
