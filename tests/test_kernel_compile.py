@@ -88,7 +88,7 @@ def _cases():
             zero_copy._update_rows_kernel,
             {
                 "W": "*fp32", "LOW": "*bf16" if has_low else "*fp32", "M": "*fp32", "V": "*fp32", "ROWS": "*i64",
-                "G": "*fp32", "ROW_A": "*fp32", "ROW_B": "*fp32", "n_rows": "i32", "lr": "fp32", "decay": "fp32",
+                "G": "*fp32", "BIAS_CORRECTION1": "*fp32", "BIAS_CORRECTION2_SQRT": "*fp32", "ADAGRAD_DENOMINATOR": "*fp32", "n_rows": "i32", "lr": "fp32", "decay": "fp32",
                 "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32",
             },
             {"D": 1024, "ADAM": adam, "HAS_LOW": has_low, "BLOCK_S": zero_copy.BLOCK_ROWS, "BLOCK_D": zero_copy._block_d(1024)},
