@@ -17,7 +17,7 @@ from apps.main.eval import checkpoint_step_and_run, model_generate_fn, model_log
 from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, InputError, config_from_dict, load_config
 from lingua.data import DataArgs, iter_validation_batches
-from lingua.eval_harness import (
+from lingua.evaluation import (
     EvalArgs,
     GenerationOptions,
     HarnessArgs,
@@ -231,7 +231,7 @@ def test_local_tasks_load_offline_with_absolute_files(tmp_path, monkeypatch):
 
 
 def test_hub_task_offline_fails_fast_naming_task_and_alternatives(monkeypatch):
-    import lingua.eval_harness as harness
+    import lingua.evaluation.tasks as harness
 
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
