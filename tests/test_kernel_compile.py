@@ -38,7 +38,7 @@ def _cases():
     triton_type = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):  # float64: the gradchecks
         v = triton_type[dtype]
-        acc_torch, acc = triton_bag._acc_dtype(torch.empty(0, dtype=dtype, device="meta"))
+        acc_torch, acc = triton_bag._accumulation_dtypes(torch.empty(0, dtype=dtype, device="meta"))
         a = triton_type[acc_torch]
         # the overflow table (zero-copy: the host table): none, or the fp32 master / bf16 copy beside an fp32 buffer
         overflows = [(False, v)] + ([(True, "fp32"), (True, "bf16")] if v == "fp32" else [(True, v)])
