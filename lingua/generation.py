@@ -1,5 +1,5 @@
 """What every text generator shares: where a continuation ends given its stop strings. Used by the
-apps/main and apps/mosaics generators and by the lm-eval adapter (`lingua.eval_harness`).
+apps/main and apps/mosaics generators and by the lm-eval adapter (`lingua.evaluation.lm_eval_adapter`).
 """
 
 from __future__ import annotations

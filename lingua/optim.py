@@ -24,6 +24,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.adam import adam as functional_adam
 from torch.optim.lr_scheduler import LambdaLR
 
+from lingua.precision import accumulation_dtype
+
 
 SchedulerName = Literal["constant", "linear", "inv_sqrt", "cosine", "wsd"]
 RowUpdate = Literal["lazy", "dense", "rowwise_adagrad"]  # update rule of a row-sparse group (see AdamW)
@@ -260,40 +262,60 @@ def _index_write(tensor: Tensor, rows: Tensor, values: Tensor) -> None:
 
 @dataclass
 class RowStep:
-    """One optimizer step of some rows of a table under a row rule (see `row_update_`)."""
+    """One optimizer step of some rows of a table under a row rule (see `row_update_`): lazy Adam
+    sets the two bias corrections, rowwise Adagrad its denominator; the other rule's fields stay None."""
 
     rows: Tensor  # [U] unique row ids
     grads: Tensor  # [U, ...] their gradients
-    row_a: Tensor  # [U] lazy Adam: 1 - beta1^t; rowwise Adagrad: sqrt(accumulator) + eps
-    row_b: Tensor | None  # [U] lazy Adam: sqrt(1 - beta2^t); rowwise Adagrad: None
     lr: float
     weight_decay: float
     betas: tuple[float, float]
     eps: float
+    bias_correction1: Tensor | None = None  # [U] lazy Adam: 1 - beta1^t, t the row's own step count
+    bias_correction2_sqrt: Tensor | None = None  # [U] lazy Adam: sqrt(1 - beta2^t)
+    adagrad_denominator: Tensor | None = None  # [U] rowwise Adagrad: sqrt(accumulated mean square) + eps
+
+    def __post_init__(self) -> None:
+        adam_fields = (self.bias_correction1, self.bias_correction2_sqrt)
+        if self.adagrad_denominator is None:
+            one_rule = all(field is not None for field in adam_fields)
+        else:
+            one_rule = all(field is None for field in adam_fields)
+        if not one_rule:
+            raise ValueError(
+                "RowStep: set bias_correction1 and bias_correction2_sqrt (lazy Adam) or adagrad_denominator "
+                "(rowwise Adagrad), not fields of both rules"
+            )
+
+    @property
+    def is_adam(self) -> bool:
+        return self.adagrad_denominator is None
 
 
 def row_update_(p_rows: Tensor, m_rows: Tensor | None, v_rows: Tensor | None, step: RowStep) -> None:
     """One step on gathered rows (p, m, v [U, ...]), in place:
 
-    rowwise Adagrad (no moments): p = (1 - lr wd) p - lr g / a;
+    rowwise Adagrad (no moments): p = (1 - lr wd) p - lr g / adagrad_denominator;
     lazy Adam: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
-               p = (1 - lr wd) p - lr (m / a) / (sqrt(v) / b + eps).
+               p = (1 - lr wd) p - lr (m / bias_correction1) / (sqrt(v) / bias_correction2_sqrt + eps).
     """
     shape = (-1,) + (1,) * (p_rows.dim() - 1)
     p_rows.mul_(1 - step.lr * step.weight_decay)
-    if m_rows is None or v_rows is None or step.row_b is None:
-        p_rows.addcdiv_(step.grads, step.row_a.view(shape), value=-step.lr)
+    if not step.is_adam:
+        p_rows.addcdiv_(step.grads, step.adagrad_denominator.view(shape), value=-step.lr)
         return
+    assert m_rows is not None and v_rows is not None, "lazy Adam updates the moments' rows"
     beta1, beta2 = step.betas
     m_rows.mul_(beta1).add_(step.grads, alpha=1 - beta1)
     v_rows.mul_(beta2).addcmul_(step.grads, step.grads, value=1 - beta2)
-    p_rows.addcdiv_(m_rows / step.row_a.view(shape), (v_rows.sqrt() / step.row_b.view(shape)).add_(step.eps), value=-step.lr)
+    bias_correction1, bias_correction2_sqrt = step.bias_correction1.view(shape), step.bias_correction2_sqrt.view(shape)
+    p_rows.addcdiv_(m_rows / bias_correction1, (v_rows.sqrt() / bias_correction2_sqrt).add_(step.eps), value=-step.lr)
 
 
 def update_rows_(table: Tensor, moments: tuple[Tensor, Tensor] | None, step: RowStep) -> Tensor:
     """`row_update_` applied in place to rows step.rows of `table` (and of the moments, when given),
     read and written by index; returns the updated rows in the accumulation dtype."""
-    p_rows = table.index_select(0, step.rows).to(torch.promote_types(table.dtype, torch.float32))
+    p_rows = table.index_select(0, step.rows).to(accumulation_dtype(table.dtype))
     m_rows, v_rows = (moments[0].index_select(0, step.rows), moments[1].index_select(0, step.rows)) if moments else (None, None)
     row_update_(p_rows, m_rows, v_rows, step)
     if moments:
@@ -456,16 +478,17 @@ class AdamW(torch.optim.Optimizer):
             denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
             return
-        acc_dtype = torch.promote_types(param.dtype, torch.float32)
+        acc_dtype = accumulation_dtype(param.dtype)
         if kind == "rowwise_adagrad":
             sum_sq = read(state["row_sum_sq"], rows) + _row_mean_square(param, grad_rows.to(acc_dtype))
             write(state["row_sum_sq"], rows, sum_sq)
-            moments, row_a, row_b = None, sum_sq.sqrt() + eps, None
+            moments, rule_fields = None, {"adagrad_denominator": sum_sq.sqrt() + eps}
         else:  # lazy: rows present this step only, each with its own bias correction.
             row_step = read(state["row_step"], rows) + 1
             write(state["row_step"], rows, row_step)
-            moments, row_a, row_b = (state["exp_avg"], state["exp_avg_sq"]), 1 - beta1**row_step, (1 - beta2**row_step).sqrt()
-        step = RowStep(rows, grad_rows, row_a, row_b, lr, weight_decay, (beta1, beta2), eps)
+            moments = (state["exp_avg"], state["exp_avg_sq"])
+            rule_fields = {"bias_correction1": 1 - beta1**row_step, "bias_correction2_sqrt": (1 - beta2**row_step).sqrt()}
+        step = RowStep(rows, grad_rows, lr, weight_decay, (beta1, beta2), eps, **rule_fields)
         if host is None:
             update_rows_(param, moments, step)
         else:  # on CUDA one kernel reads, updates and writes each host row once

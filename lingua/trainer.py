@@ -39,7 +39,7 @@ from lingua.distributed import (
     init_distributed,
     parallelize,
 )
-from lingua.eval_harness import EvalArgs
+from lingua.evaluation import EvalArgs
 from lingua.metrics import LoggingArgs, MetricLogger, NullLogger, RecentStepRate, Throughput, device_peak_flops, memory_stats, metric_path, progress_line
 from lingua.optim import OptimArgs, ParamGroupSpec, all_reduce_row_grads, build_optimizer, clip_gradients
 from lingua.preemption import REQUEUE_SIGNALS, PreemptionWatcher, requeue_slurm_job

@@ -1,4 +1,4 @@
-"""Write the offline story corpus (lingua/synthetic.py) in the layout the data loader reads.
+"""Write the offline story corpus (lingua/synthetic/) in the layout the data loader reads.
 
     python setup/make_synthetic_data.py --out data --source stories --n-train 20000 --n-val 500 --chunks 4
 

@@ -18,7 +18,7 @@ import yaml
 from apps.main.train import MainTrainArgs
 from lingua.args import ConfigError, load_config, to_dict
 from lingua.config_help import config_help, field_comments
-from lingua.eval_harness import EvalArgs, LinguaLM
+from lingua.evaluation import EvalArgs, LinguaLM
 from lingua.metrics import RecentStepRate, progress_line
 from lingua.tokenizer import ByteTokenizer
 
@@ -32,7 +32,7 @@ COMMANDS = {
     "apps.main.eval": ["  ckpt: str = ''", "  harness.batch_size: int (>= 1) = 8", "  validation.max_batches: int or null (>= 1) = 20"],
     "apps.main.generate": ["  ckpt: str = required", "  generator.max_gen_len: int (>= 1) ="],
     "apps.mosaics.train": ["  model.leaky_impl:", "  data.batch_size: int (>= 1) = 4", "  seed: int (>= 0) = 42"],
-    "apps.mosaics.eval": ["  ckpt: str = required", "[harness] (HarnessArgs, lingua.eval_harness; null unless set)"],
+    "apps.mosaics.eval": ["  ckpt: str = required", "[harness] (HarnessArgs, lingua.evaluation.config; null unless set)"],
     "apps.mosaics.generate": ["  ckpt: str = required"],
     "lingua.stool": ["  nodes: int (>= 1) = 1", "  time: int (>= 1 or -1) = -1", "      nodes of the job", "  config: str = required"],
 }
@@ -142,7 +142,7 @@ def test_eval_requests_log_progress(caplog):
 
     model, tokenizer = tiny_model(), ByteTokenizer()
     lm = LinguaLM(tokenizer, model_logits_fn(model), MAX_LEN, generate_fn=model_generate_fn(model, tokenizer), batch_size=2, progress_every_s=0)
-    with caplog.at_level(logging.INFO, logger="lingua.eval_harness"):
+    with caplog.at_level(logging.INFO, logger="lingua.evaluation.scoring"):
         lm.loglikelihood(requests("loglikelihood", [("a", "b"), ("cd", "e"), ("f", "g")]))
         lm.generate_until(requests("generate_until", [("a", {"until": [], "max_gen_toks": 2})] * 3))
     messages = [r.getMessage() for r in caplog.records]

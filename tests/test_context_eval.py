@@ -16,8 +16,8 @@ from apps.main.transformer import LMTransformer, LMTransformerArgs
 from apps.registry import APPS, app_of_yaml
 from lingua.args import ConfigError, InputError
 from lingua.data import DataArgs, iter_validation_batches
-from lingua.extrapolation import ExtrapolationArgs, bucket_means, extrapolation, position_losses
-from lingua.in_context import InContextArgs, build_items, in_context_accuracy, read_stories
+from lingua.evaluation.extrapolation import ExtrapolationArgs, bucket_means, extrapolation, position_losses
+from lingua.evaluation.in_context import InContextArgs, build_items, in_context_accuracy, read_stories
 from lingua.synthetic import make_story, story_indices, write_corpus
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
 

@@ -17,13 +17,13 @@ from apps.main.eval import checkpoint_step_and_run, model_generate_fn, model_log
 from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.args import ConfigError, InputError, config_from_dict, load_config
 from lingua.data import DataArgs, iter_validation_batches
-from lingua.eval_harness import (
+from lingua.evaluation import (
     EvalArgs,
     GenerationOptions,
     HarnessArgs,
     LinguaLM,
     ValidationEvalArgs,
-    greedy_generate,
+    generate_by_recompute,
     load_tasks,
     rolling_windows,
     validation_metrics,
@@ -158,7 +158,7 @@ def test_rolling_equals_loglikelihood_from_empty_context_when_short():
 def test_generate_until_kv_cache_equals_recompute_and_stops():
     model, tokenizer = tiny_model(seed=2, max_seqlen=48), ByteTokenizer()
     prompts = ["a", "hello there", "The quick brown fox", "x"]
-    free = greedy_generate(model_logits_fn(model), tokenizer, 48, torch.device("cpu"))(prompts, GenerationOptions(max_new_tokens=10))
+    free = generate_by_recompute(model_logits_fn(model), tokenizer, 48, torch.device("cpu"))(prompts, GenerationOptions(max_new_tokens=10))
     lm = LinguaLM(tokenizer, model_logits_fn(model), 48, generate_fn=model_generate_fn(model, tokenizer), batch_size=3)
     fallback = LinguaLM(tokenizer, model_logits_fn(model), 48, batch_size=2)
     kwargs = [{"until": [], "max_gen_toks": 10}, {"until": [free[1][2:4]], "max_gen_toks": 10}, {"max_gen_toks": 3, "until": "\n"}, {"until": [], "max_gen_toks": 10}]
@@ -231,7 +231,7 @@ def test_local_tasks_load_offline_with_absolute_files(tmp_path, monkeypatch):
 
 
 def test_hub_task_offline_fails_fast_naming_task_and_alternatives(monkeypatch):
-    import lingua.eval_harness as harness
+    import lingua.evaluation.tasks as harness
 
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -475,7 +475,7 @@ def test_eval_adapter_matches_lm_eval_hf_model(tmp_path, monkeypatch):
     request (within 1e-4), the same greedy flags and generations, the same accuracies and exact match."""
     from lm_eval.models.huggingface import HFLM
 
-    from lingua.eval_harness import HarnessArgs, LinguaLM, run_harness
+    from lingua.evaluation import HarnessArgs, LinguaLM, run_harness
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -1,7 +1,8 @@
 """Host memory of zero-copy tables shared by a node's ranks: the node is found through the
 shared-memory mount, not the host name (2 gloo ranks under torchrun, `worker()` holds the checks);
 a shared file's space is reserved when it is created and a full mount is refused in one line; under
-SLURM the tasks on this node decide whether the capacity check counts the shared-memory mount."""
+SLURM the tasks on this node decide whether the capacity check counts the shared-memory mount, and
+the job's check agrees with each table's."""
 
 from __future__ import annotations
 
@@ -84,12 +85,31 @@ def test_shared_tables_reserve_their_space_and_a_full_mount_is_refused(monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def small_zero_copy_job(tmp_path: Path):
+    """The config of a tiny apps.main training job with one zero-copy memory layer."""
+    from apps.main.train import MainTrainArgs
+    from lingua.args import config_from_dict
+
+    return config_from_dict(MainTrainArgs, {
+        "dump_dir": str(tmp_path / "run"),
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2,
+                  "productkey_args": {"is_enabled": True, "layers": "1", "mem_n_keys": 8, "mem_k_dim": 8, "mem_knn": 4, "zero_copy": True}},
+    })
+
+
+def record_capacity_checks(monkeypatch) -> list[bool]:
+    """The `shared` argument of every host capacity check from now on (each finds room)."""
+    from lingua.product_key.zero_copy import host
+
+    asked: list[bool] = []
+    monkeypatch.setattr(host, "available_host_bytes", lambda shared: asked.append(shared) or 2**40)
+    return asked
+
+
 @pytest.mark.parametrize("tasks,node,expected", [("2(x2)", 1, 2), ("4,1", 1, 1), ("3", 0, 3)])
 def test_slurm_tasks_on_this_node_decide_the_shared_capacity_check(tasks, node, expected, monkeypatch, tmp_path):
-    from apps.main.train import check_host_memory, MainTrainArgs
-    from lingua.args import config_from_dict
+    from apps.main.train import check_host_memory
     from lingua.distributed import local_world_size
-    from lingua.product_key.zero_copy import host
 
     for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
@@ -98,15 +118,35 @@ def test_slurm_tasks_on_this_node_decide_the_shared_capacity_check(tasks, node, 
     monkeypatch.setenv("SLURM_NODEID", str(node))
     monkeypatch.setenv("SLURM_TASKS_PER_NODE", tasks)
     assert local_world_size() == expected
-    asked: list[bool] = []
-    monkeypatch.setattr(host, "available_host_bytes", lambda shared: asked.append(shared) or 2**40)
-    cfg = config_from_dict(MainTrainArgs, {
-        "dump_dir": str(tmp_path / "run"),
-        "model": {"dim": 32, "n_layers": 2, "n_heads": 2,
-                  "productkey_args": {"is_enabled": True, "layers": "1", "mem_n_keys": 8, "mem_k_dim": 8, "mem_knn": 4, "zero_copy": True}},
-    })
-    check_host_memory(cfg)
+    asked = record_capacity_checks(monkeypatch)
+    check_host_memory(small_zero_copy_job(tmp_path))
     assert asked == [expected > 1]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_job_and_each_table_check_host_memory_by_one_rule(ranks, monkeypatch, tmp_path):
+    """The job's check before training and each table's check when the trainer allocates it
+    (share_with_node=True) ask the same thing: one copy, with the shared-memory mount counted
+    exactly when the node's ranks map it together."""
+    from apps.main.train import check_host_memory
+    from lingua.product_key.zero_copy import host, values
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    monkeypatch.setattr(host, "SHM_DIR", str(tmp_path))
+
+    class FirstRankOfNode(host.HostMemory):
+        """The first of this node's ranks, without a process group (nobody to tell)."""
+
+        def __init__(self, share_with_node: bool = False) -> None:
+            super().__init__()
+            self.local_size = ranks if share_with_node else 1
+
+    monkeypatch.setattr(values, "HostMemory", FirstRankOfNode)
+    asked = record_capacity_checks(monkeypatch)
+    check_host_memory(small_zero_copy_job(tmp_path))
+    values.ZeroCopyValues(64, 32, None, 0.0, "lazy", True).materialize(share_with_node=True)
+    assert asked == [ranks > 1, ranks > 1]
 
 
 if __name__ == "__main__":

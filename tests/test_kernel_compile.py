@@ -30,15 +30,15 @@ def _cases():
     """(label, kernel, signature of runtime args, constexprs), the constexprs from the launchers."""
     import torch
 
-    from lingua.mosaics.gated_scan.chunked import acc_dtype
     from lingua.mosaics.leaky_average import triton_scan
     from lingua.product_key.embedding_bag import triton_bag
+    from lingua.precision import accumulation_dtype
     from lingua.product_key.zero_copy import kernels as zero_copy
 
     triton_type = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):  # float64: the gradchecks
         v = triton_type[dtype]
-        acc_torch, acc = triton_bag._acc_dtype(torch.empty(0, dtype=dtype, device="meta"))
+        acc_torch, acc = triton_bag._accumulation_dtypes(torch.empty(0, dtype=dtype, device="meta"))
         a = triton_type[acc_torch]
         # the overflow table (zero-copy: the host table): none, or the fp32 master / bf16 copy beside an fp32 buffer
         overflows = [(False, v)] + ([(True, "fp32"), (True, "bf16")] if v == "fp32" else [(True, v)])
@@ -88,7 +88,7 @@ def _cases():
             zero_copy._update_rows_kernel,
             {
                 "W": "*fp32", "LOW": "*bf16" if has_low else "*fp32", "M": "*fp32", "V": "*fp32", "ROWS": "*i64",
-                "G": "*fp32", "ROW_A": "*fp32", "ROW_B": "*fp32", "n_rows": "i32", "lr": "fp32", "decay": "fp32",
+                "G": "*fp32", "BIAS_CORRECTION1": "*fp32", "BIAS_CORRECTION2_SQRT": "*fp32", "ADAGRAD_DENOMINATOR": "*fp32", "n_rows": "i32", "lr": "fp32", "decay": "fp32",
                 "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32",
             },
             {"D": 1024, "ADAM": adam, "HAS_LOW": has_low, "BLOCK_S": zero_copy.BLOCK_ROWS, "BLOCK_D": zero_copy._block_d(1024)},
@@ -123,7 +123,7 @@ def _cases():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         x = torch.empty(1, 1, 2048, dtype=dtype, device="meta")  # v2 small: 16 heads of 128
         cfg = gated_scan.launch_config(x, n_heads=16, chunk_size=MAX_CHUNK_SIZE)
-        x_t, a = triton_type[dtype], triton_type[acc_dtype(dtype)]
+        x_t, a = triton_type[dtype], triton_type[accumulation_dtype(dtype)]
         inputs = {"x_ptr": f"*{x_t}", "g_ptr": f"*{x_t}", "d_ptr": f"*{x_t}", "doc_ptr": "*u8"}
         scalars = {"T": "i32", "NT": "i32", "eps": "fp32"}
         for has_doc in (True, False) if dtype == torch.bfloat16 else (True,):  # bf16: what training runs

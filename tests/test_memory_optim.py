@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lingua.optim import AdamW, OptimArgs, ParamGroupSpec, build_optimizer, clip_grad_norm
+from lingua.optim import AdamW, OptimArgs, ParamGroupSpec, RowStep, build_optimizer, clip_grad_norm
 from lingua.product_key.embedding_bag import weighted_embedding_bag
 
 ROWS, DIM = 12, 5
@@ -165,3 +165,13 @@ def test_dcp_round_trip_with_sparse_group_is_exact(tmp_path, row_update):
     assert set(state) == set(resumed_state)
     for key in state:
         torch.testing.assert_close(state[key], resumed_state[key], rtol=0, atol=0)
+
+
+def test_a_row_step_sets_the_fields_of_exactly_one_rule():
+    rows, grads, per_row = torch.arange(3), torch.zeros(3, DIM), torch.ones(3)
+    hyper = dict(lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+    assert RowStep(rows, grads, **hyper, bias_correction1=per_row, bias_correction2_sqrt=per_row).is_adam
+    assert not RowStep(rows, grads, **hyper, adagrad_denominator=per_row).is_adam
+    for fields in ({}, {"bias_correction1": per_row}, {"bias_correction1": per_row, "bias_correction2_sqrt": per_row, "adagrad_denominator": per_row}):
+        with pytest.raises(ValueError, match="lazy Adam.*rowwise Adagrad"):
+            RowStep(rows, grads, **hyper, **fields)

@@ -160,7 +160,7 @@ def test_debug_training_eval_and_generation(tmp_path, monkeypatch):
     from apps.mosaics.generate import GenerateArgs
     from apps.mosaics.generate import main as generate_main
     from apps.mosaics.train import MODEL_SPEC
-    from lingua.eval_harness import HarnessArgs
+    from lingua.evaluation import HarnessArgs
     from lingua.trainer import train
 
     monkeypatch.chdir(REPO)

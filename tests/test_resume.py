@@ -17,7 +17,7 @@ from apps.main.train import MODEL_SPEC, MainTrainArgs
 from apps.mosaics.train import MosaicsTrainArgs
 from lingua.args import flatten_dict, load_config, parse_args, to_dict
 from lingua.checkpoint import PARAMS_FILE, step_dirs, write_manifest
-from lingua.eval_harness import EvalArgs
+from lingua.evaluation import EvalArgs
 from lingua.preemption import PreemptionWatcher
 from lingua.resume import KEY_RULES, classify
 from lingua.synthetic import write_corpus

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import lingua.synthetic as synthetic
+import lingua.synthetic.corpus as corpus
 from lingua.synthetic import CONTAINERS, NAMES, OBJECTS, SETTINGS, ensure_corpus, make_story, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_ensure_corpus_writes_once_and_keeps_existing_shards(tmp_path):
 
 def test_interrupted_write_leaves_no_shards(tmp_path, monkeypatch):
     calls = 0
-    real = synthetic.make_story
+    real = corpus.make_story
 
     def failing(seed, index):
         nonlocal calls
@@ -238,11 +238,11 @@ def test_interrupted_write_leaves_no_shards(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(seed, index)
 
-    monkeypatch.setattr(synthetic, "make_story", failing)
+    monkeypatch.setattr(corpus, "make_story", failing)
     with pytest.raises(KeyboardInterrupt):
         write_corpus(tmp_path, "s", n_train=40, n_val=5, n_chunks=2)
     assert list(tmp_path.iterdir()) == []  # no shards, no temporary folder
-    monkeypatch.setattr(synthetic, "make_story", real)
+    monkeypatch.setattr(corpus, "make_story", real)
     assert len(ensure_corpus(tmp_path, "s", n_train=40, n_val=5, n_chunks=2)) == 3
 
 

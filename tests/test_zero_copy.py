@@ -75,9 +75,10 @@ def test_update_kernel_matches_reference(rule, with_low_precision, device):
     low = table.to(torch.bfloat16) if with_low_precision else None
     rows = torch.randperm(60, generator=gen)[:23].to(device)
     grads = torch.randn(23, 33, generator=gen).to(device)
-    row_a = (torch.rand(23, generator=gen) + 0.5).to(device)
-    row_b = (torch.rand(23, generator=gen) + 0.5).to(device) if rule == "lazy" else None
-    step = RowStep(rows, grads, row_a, row_b, lr=3e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    first = (torch.rand(23, generator=gen) + 0.5).to(device)
+    second = (torch.rand(23, generator=gen) + 0.5).to(device) if rule == "lazy" else None
+    rule_fields = {"bias_correction1": first, "bias_correction2_sqrt": second} if rule == "lazy" else {"adagrad_denominator": first}
+    step = RowStep(rows, grads, lr=3e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, **rule_fields)
     copies = [tuple(t.clone() for t in moments) if moments else None for _ in range(2)]
     original = table.clone()
     ours, ours_low = table.clone(), None if low is None else low.clone()

@@ -26,7 +26,7 @@ from lingua.args import ConfigError, cli_main, to_dict
 from lingua.checkpoint import STEP_DIR, resolve_checkpoint
 from lingua.data import DataArgs
 from lingua.distributed import autocast_dtype
-from lingua.eval_harness import (
+from lingua.evaluation import (
     EvalArgs,
     GenerateFn,
     check_tasks_available,

@@ -60,11 +60,12 @@ MODEL_SPEC = ModelSpec(
 
 
 def check_host_memory(cfg: MainTrainArgs) -> None:
-    """Zero-copy values: the node must hold the tables and their optimizer state (one copy per node)."""
+    """Zero-copy values: the node must hold the tables and their optimizer state, one copy mapped by
+    all of the node's ranks (the trainer materializes them with share_with_node=True)."""
     needed = cfg.model.productkey_args.host_bytes(cfg.model.dim, training=True)
     if needed:
-        shared = local_world_size() > 1  # the node's ranks share one table in /dev/shm
-        check_host_capacity(needed, "model.productkey_args.zero_copy=true (value tables and their optimizer state)", shared)
+        what = "model.productkey_args.zero_copy=true (value tables and their optimizer state)"
+        check_host_capacity(needed, what, sharing_ranks=local_world_size())
 
 
 def main(cfg: MainTrainArgs) -> int:

@@ -22,8 +22,8 @@ from apps.mosaics.context_eval import RESULT_FILE, ContextEvalArgs, default_out_
 from apps.registry import app_of_checkpoint, app_of_yaml
 from lingua.args import ConfigError, cli_main
 from lingua.checkpoint import step_dirs
-from lingua.extrapolation import plot_buckets
-from lingua.in_context import plot_in_context
+from lingua.evaluation.extrapolation import plot_buckets
+from lingua.evaluation.in_context import plot_in_context
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ Memory Mosaics v1 or v2): context extrapolation and the per-document in-context 
     python -m apps.mosaics.context_eval ckpt=runs/debug 'extrapolation.factors=[1,2,4,8]' in_context=null
 
 Extrapolation: validation loss per position bucket in windows of 1x, 2x, 4x the training length
-(lingua.extrapolation). In-context: synthetic_mc accuracy against the number of answered questions
-of the same story before the question (lingua.in_context). The app is found from the checkpoint's
+(lingua.evaluation.extrapolation). In-context: synthetic_mc accuracy against the number of answered questions
+of the same story before the question (lingua.evaluation.in_context). The app is found from the checkpoint's
 config (apps.registry); a dense transformer's RoPE tables are lengthened to the longest window,
 same frequencies, no interpolation, so what it does past its training length is what it learned.
 Writes context_eval.json, extrapolation_<source>.png and in_context.png.
@@ -29,8 +29,8 @@ from apps.main.eval import model_logits_fn
 from apps.registry import app_of_checkpoint
 from lingua.args import cli_main
 from lingua.checkpoint import load_trained_model
-from lingua.extrapolation import ExtrapolationArgs, extrapolation, plot_buckets
-from lingua.in_context import InContextArgs, build_items, in_context_accuracy, plot_in_context, read_stories, sequence_lengths
+from lingua.evaluation.extrapolation import ExtrapolationArgs, extrapolation, plot_buckets
+from lingua.evaluation.in_context import InContextArgs, build_items, in_context_accuracy, plot_in_context, read_stories, sequence_lengths
 from lingua.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -5,9 +5,9 @@
     python -m apps.mosaics.eval ckpt=runs/mosaics_debug 'harness={tasks: [synthetic_mc, synthetic_qa]}'
 
 Loss by position is the in-context learning curve: the mean loss of the prediction made at each
-position of the packed validation windows (lingua.extrapolation; apps.mosaics.context_eval takes it
+position of the packed validation windows (lingua.evaluation.extrapolation; apps.mosaics.context_eval takes it
 to 2x and 4x the training length). Writes eval.json and loss_by_position.png (matplotlib Agg).
-With a `harness` section, lm-eval tasks run through the shared adapter (lingua.eval_harness) on
+With a `harness` section, lm-eval tasks run through the shared adapter (lingua.evaluation) on
 the model's logits, and their results go into eval.json too.
 """
 
@@ -26,8 +26,8 @@ from apps.main.eval import model_logits_fn
 from apps.mosaics.generate import load_model_and_tokenizer
 from lingua.args import cli_main
 from lingua.data import iter_validation_batches
-from lingua.eval_harness import HarnessArgs, LinguaLM, check_tasks_available, greedy_generate, harness_metrics, run_harness
-from lingua.extrapolation import position_losses
+from lingua.evaluation import HarnessArgs, LinguaLM, check_tasks_available, generate_by_recompute, harness_metrics, run_harness
+from lingua.evaluation.extrapolation import position_losses
 from lingua.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def plot_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
 def _harness_model(model: torch.nn.Module, tokenizer: Tokenizer, args: EvalArgs, device: torch.device) -> LinguaLM:
     """The lm-eval adapter over the model's logits (right-padded batches keep leaky states exact)."""
     logits = model_logits_fn(model, args.dtype)
-    generate = greedy_generate(logits, tokenizer, args.max_length, device, seed=args.harness.seed)
+    generate = generate_by_recompute(logits, tokenizer, args.max_length, device, seed=args.harness.seed)
     return LinguaLM(tokenizer, logits, args.max_length, device, generate, args.harness.batch_size, args.harness.max_gen_toks)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lingua.mosaics.leaky_average import LeakyForm, LeakyImpl, leaky_average
-from lingua.mosaics.leaky_average.chunked import acc_dtype
+from lingua.precision import accumulation_dtype
 
 EXP_PARAM_SCALE = 10.0  # per-head scalars are stored divided by this and used multiplied by it
 FeatureKind = Literal["linearconv", "lowrlinearconv"]
@@ -24,7 +24,7 @@ FeatureKind = Literal["linearconv", "lowrlinearconv"]
 
 def l2_normalize(x: Tensor, eps: float) -> Tensor:
     """x / (||x|| + eps) over the last dimension, the norm taken in fp32 (fp64 for fp64 inputs)."""
-    acc = x.to(acc_dtype(x.dtype))
+    acc = x.to(accumulation_dtype(x.dtype))
     return (acc / (torch.linalg.vector_norm(acc, dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -136,7 +136,7 @@ class LeakyAverage(nn.Module):
         return leaky_average(x_BTC, self.beta(), form=self.form, impl=self.impl, chunk_size=self.chunk_size)
 
     def initial_state(self, batch: int, dim: int, device: torch.device, dtype: torch.dtype) -> LeakyState:
-        acc = acc_dtype(dtype)
+        acc = accumulation_dtype(dtype)
         return LeakyState(torch.zeros(batch, dim, device=device, dtype=acc), torch.zeros(self.theta.numel(), device=device, dtype=acc))
 
     def step(self, x_BC: Tensor, state: LeakyState) -> tuple[Tensor, LeakyState]:
@@ -270,7 +270,7 @@ class InContextMemory(nn.Module):
         if n_visible == 0:
             y = torch.zeros_like(k_new)
         else:
-            acc = acc_dtype(keys.dtype)
+            acc = accumulation_dtype(keys.dtype)
             scores = k_new.to(acc) @ keys[:, :, :n_visible].to(acc).transpose(-1, -2)
             y = (scores.softmax(dim=-1) @ values.to(acc)).to(k_new.dtype)
         out = self.c_proj(merge_heads(y)[:, 0].to(h_BC.dtype))

@@ -24,7 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from lingua.mosaics.blocks import l2_normalize, merge_heads, split_heads, time_shift
 from lingua.mosaics.gated_scan import GatedImpl, gated_key_scan, gated_key_step, unit_key
-from lingua.mosaics.leaky_average.chunked import acc_dtype
+from lingua.precision import accumulation_dtype
 from lingua.transformer import trunc_normal_
 
 MemoryKind = Literal["short", "long"]
@@ -212,7 +212,7 @@ class ContextualMemory(nn.Module):
 
     def initial_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MemoryState:
         H, D = self.n_heads, self.dim // self.n_heads
-        acc = acc_dtype(dtype)
+        acc = accumulation_dtype(dtype)
         pairs = torch.zeros(batch, H, 0, D, device=device, dtype=dtype)
         return MemoryState(
             key_log_scale=torch.full((batch, H), float("-inf"), device=device, dtype=acc),

@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from lingua.args import ConfigError
 from lingua.optim import ParamGroupSpec, RowUpdate
+from lingua.precision import accumulation_dtype
 from lingua.product_key.colwise_embeddingbag import colwise_bag, shard_columns
 from lingua.product_key.embedding_bag import Backend, weighted_embedding_bag
 from lingua.product_key.zero_copy import TransferDtype, UpdatePlace, ZeroCopyValues
@@ -292,7 +293,7 @@ class HashingMemory(nn.Module):
         scores_NHJ, rows_NHJ = product_key_topk(query_NHC, keys_H2MC.to(query_NHC.dtype), self.knn)
         self._count_usage(rows_NHJ)
         # Softmax in fp32 at least (bf16 scores under autocast); heads' bags concatenated: L = H * J.
-        weights_NL = F.softmax(scores_NHJ.to(torch.promote_types(scores_NHJ.dtype, torch.float32)), dim=-1).flatten(1)
+        weights_NL = F.softmax(scores_NHJ.to(accumulation_dtype(scores_NHJ.dtype)), dim=-1).flatten(1)
         rows_NL = rows_NHJ.flatten(1)
         table = self.table
         if self.peer:

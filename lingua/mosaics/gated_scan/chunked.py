@@ -23,13 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lingua.mosaics.gated_scan.naive import unit_key
+from lingua.precision import accumulation_dtype
 
 NEG_INF = float("-inf")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pad_time(t: Tensor, length: int) -> Tensor:
@@ -97,7 +93,7 @@ def _scan(
     """(keys (B, T, C) in x's dtype, m before each chunk (B, H, N), s before each chunk (B, H, N, D))."""
     B, T, C = x_BTC.shape
     H = log_gate_BTH.shape[-1]
-    dtype = acc_dtype(x_BTC.dtype)
+    dtype = accumulation_dtype(x_BTC.dtype)
     x_BHNLD = _split_features(x_BTC, H, L, dtype)
     starts_B1NL = _restarts(doc_start_BT, B, T, L, x_BTC.device)
     b_BHNL, W_BHNLL, carry_ok_B1NL = _chunk_log_weights(
@@ -171,7 +167,7 @@ def scan_backward(
     B, T, C = x_BTC.shape
     H = log_gate_BTH.shape[-1]
     L = chunk_size
-    dtype = acc_dtype(x_BTC.dtype)
+    dtype = accumulation_dtype(x_BTC.dtype)
     x_BHNLD = _split_features(x_BTC, H, L, dtype)
     dk_BHNLD = _split_features(grad_BTC, H, L, dtype)
     starts_B1NL = _restarts(doc_start_BT, B, T, L, x_BTC.device)

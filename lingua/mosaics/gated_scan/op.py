@@ -13,8 +13,9 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from lingua.mosaics.gated_scan.chunked import acc_dtype, gated_key_scan_chunked, scan_backward, scan_forward
+from lingua.mosaics.gated_scan.chunked import gated_key_scan_chunked, scan_backward, scan_forward
 from lingua.mosaics.gated_scan.naive import gated_key_scan_naive
+from lingua.precision import accumulation_dtype
 
 GatedImpl = Literal["naive", "chunked", "op"]
 
@@ -45,7 +46,7 @@ def _(x, log_gate, log_decay, doc_start, eps, chunk_size):
     B, T, C = x.shape
     H = log_gate.shape[-1]
     N = _n_chunks(T, chunk_size)
-    acc = acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty((B, H, N), dtype=acc), x.new_empty((B, H, N, C // H), dtype=acc)
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lingua.mosaics.gated_scan.chunked import acc_dtype
+from lingua.precision import accumulation_dtype
 
 
 def _interpreted() -> bool:
@@ -160,7 +160,7 @@ def _gated_bwd_kernel(
 def launch_config(x: Tensor, n_heads: int, chunk_size: int) -> dict:
     """The constexprs and launch options of both kernels for x (B, T, C) split into n_heads heads."""
     D = x.shape[-1] // n_heads
-    acc = acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     # The interpreter's bf16 dot is wrong: interpreted code multiplies in the accumulation dtype.
     dot_dtype = acc if (x.dtype != torch.bfloat16 or _interpreted()) else torch.bfloat16
     block_d = max(16, triton.next_power_of_2(D))
@@ -202,7 +202,7 @@ def scan_fwd(
     H = log_gate.shape[-1]
     cfg = launch_config(x, H, chunk_size)
     NT = triton.cdiv(T, chunk_size)
-    acc = acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     keys = _alloc(x.shape, x, x.dtype, fill_nan)
     m_states = _alloc((B, H, NT), x, acc, fill_nan)
     s_states = _alloc((B, H, NT, cfg["D"]), x, acc, fill_nan)

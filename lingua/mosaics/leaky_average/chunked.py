@@ -13,10 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from lingua.precision import accumulation_dtype
 
 
 def ema_gain(beta_H: Tensor) -> Tensor:
@@ -68,7 +65,7 @@ def _with_carry(intra_BNLHD: Tensor, states_BNHD: Tensor, beta_H: Tensor, first_
 def discounted_sum_chunked(x_BTC: Tensor, beta_H: Tensor, ema: bool = True, chunk_size: int = 64) -> Tensor:
     """Differentiable chunked scan: ema=True gives the EMA (1-a) S_t, ema=False the plain S_t.
     x_BTC (B, T, C), beta_H (H,) with C % H == 0 -> (B, T, C) in x's dtype."""
-    dtype = acc_dtype(x_BTC.dtype)
+    dtype = accumulation_dtype(x_BTC.dtype)
     beta = beta_H.to(dtype)
     x_BNLHD = _split(x_BTC, beta.numel(), chunk_size, dtype)
     intra = _intra(x_BNLHD, beta)
@@ -81,7 +78,7 @@ def discounted_sum_chunked(x_BTC: Tensor, beta_H: Tensor, ema: bool = True, chun
 @torch.no_grad()
 def scan_forward(x_BTC: Tensor, beta_H: Tensor, ema: bool, chunk_size: int) -> tuple[Tensor, Tensor]:
     """(y (B, T, C) in x's dtype, states (B, NT, C) in the accumulation dtype: S before each chunk)."""
-    dtype = acc_dtype(x_BTC.dtype)
+    dtype = accumulation_dtype(x_BTC.dtype)
     beta = beta_H.to(dtype)
     x_BNLHD = _split(x_BTC, beta.numel(), chunk_size, dtype)
     intra = _intra(x_BNLHD, beta)
@@ -100,7 +97,7 @@ def scan_backward(
 
     dx_i = gain * G_i with G_i = sum_{t>=i} a^{t-i} g_t (the same filter run backwards in time);
     dL/da = sum_t [-g_t S_t (ema only) + gain * G_t S_{t-1}], and dbeta = -a dL/da."""
-    dtype = acc_dtype(x_BTC.dtype)
+    dtype = accumulation_dtype(x_BTC.dtype)
     beta = beta_H.to(dtype)
     H, T = beta.numel(), x_BTC.shape[1]
     x_BNLHD = _split(x_BTC, H, chunk_size, dtype)

@@ -13,8 +13,9 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from lingua.mosaics.leaky_average.chunked import acc_dtype, discounted_sum_chunked, scan_backward, scan_forward
+from lingua.mosaics.leaky_average.chunked import discounted_sum_chunked, scan_backward, scan_forward
 from lingua.mosaics.leaky_average.naive import discounted_sum_naive, leaky_average_naive
+from lingua.precision import accumulation_dtype
 
 LeakyImpl = Literal["naive", "chunked", "op"]
 LeakyForm = Literal["ema", "normalized"]
@@ -34,7 +35,7 @@ def leaky_scan_op(x: Tensor, beta: Tensor, ema: bool, chunk_size: int) -> tuple[
 def _(x: Tensor, beta: Tensor, ema: bool, chunk_size: int) -> tuple[Tensor, Tensor]:
     B, T, C = x.shape
     n_chunks = (T + chunk_size - 1) // chunk_size
-    return torch.empty_like(x), x.new_empty((B, n_chunks, C), dtype=acc_dtype(x.dtype))
+    return torch.empty_like(x), x.new_empty((B, n_chunks, C), dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op("lingua::leaky_scan_backward", mutates_args=())
@@ -115,7 +116,7 @@ def leaky_average(
         raise ValueError(f"form='{form}' must be 'ema' or 'normalized'")
     bonus = beta_H if bonus_H is None else bonus_H
     H, D = beta_H.numel(), x_BTC.shape[-1] // beta_H.numel()
-    acc = acc_dtype(x_BTC.dtype)
+    acc = accumulation_dtype(x_BTC.dtype)
     S = scan(x_BTC.to(acc), beta_H, False, chunk_size)
     ones = torch.ones(1, x_BTC.shape[1], H, device=x_BTC.device, dtype=acc)
     den = scan(ones, beta_H, False, chunk_size)  # (1, T, H): D_t

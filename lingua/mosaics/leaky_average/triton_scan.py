@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lingua.mosaics.leaky_average.limits import MAX_CHUNK_SIZE
+from lingua.precision import accumulation_dtype
 
 
 def _interpreted() -> bool:
@@ -117,7 +118,7 @@ def _scan_bwd_kernel(
 
 def _launch_config(x: Tensor, n_heads: int, chunk_size: int) -> dict:
     D = x.shape[-1] // n_heads
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     # The interpreter's bf16 dot is wrong: interpreted code multiplies in the accumulation dtype.
     dot_dtype = acc if (x.dtype != torch.bfloat16 or _interpreted()) else torch.bfloat16
     # fp64 tiles are twice as large: wider channel blocks overflow shared memory (sm_80: 163 KiB).

@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lingua.precision import accumulation_dtype
+
 
 def weighted_bag_forward(values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor) -> Tensor:
     """[N, D] in values' dtype, accumulated in fp32 (fp64 for fp64 tables)."""
-    acc_dtype = torch.float64 if values_KD.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(values_KD.dtype)
     rows_NLD = values_KD[indices_NL].to(acc_dtype)
     return torch.einsum("nl,nld->nd", weights_NL.to(acc_dtype), rows_NLD).to(values_KD.dtype)
 
@@ -29,7 +31,7 @@ def weighted_bag_backward(
     grad_rows[u] = sum over (n, l) with indices[n, l] == rows[u] of weights[n, l] * grad_out[n];
     grad_weights[n, l] = <grad_out[n], values[indices[n, l]]>. Both accumulate in fp32 (fp64 for fp64).
     """
-    acc_dtype = torch.float64 if values_KD.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(values_KD.dtype)
     grad_out = grad_out_ND.to(acc_dtype)
     rows_U, inverse_NL = torch.unique(indices_NL, sorted=True, return_inverse=True)
     contributions_NLD = weights_NL.to(acc_dtype)[..., None] * grad_out[:, None, :]

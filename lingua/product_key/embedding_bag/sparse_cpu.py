@@ -19,13 +19,15 @@ import warnings
 import torch
 from torch import Tensor
 
+from lingua.precision import accumulation_dtype
+
 
 def weighted_bag_backward(
     values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor, grad_out_ND: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(rows [U] sorted unique row ids, grad_rows [U, D], grad_weights [N, L]), accumulated in fp32
     (fp64 for fp64 tables); see `naive.weighted_bag_backward`."""
-    acc_dtype = torch.float64 if values_KD.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(values_KD.dtype)
     n_bags, bag_len = indices_NL.shape
     grad_out = grad_out_ND.to(acc_dtype)
     rows_U, inverse_NL = torch.unique(indices_NL, sorted=True, return_inverse=True)

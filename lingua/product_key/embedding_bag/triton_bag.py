@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lingua.precision import accumulation_dtype
 from lingua.product_key.embedding_bag import naive, sparse_cpu
 
 Backend = Literal["auto", "triton", "torch"]
@@ -148,9 +149,13 @@ def _block_d(dim: int) -> int:
     return min(triton.next_power_of_2(dim), 256)
 
 
-def _acc_dtype(values_KD: Tensor) -> tuple[torch.dtype, object]:
-    """(torch, triton) accumulation dtypes: fp32, or fp64 for fp64 tables (gradchecks)."""
-    return (torch.float64, tl.float64) if values_KD.dtype == torch.float64 else (torch.float32, tl.float32)
+_TRITON_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}  # the ACC constexpr of each accumulation dtype
+
+
+def _accumulation_dtypes(values_KD: Tensor) -> tuple[torch.dtype, object]:
+    """(torch, triton) accumulation dtypes of a table: `accumulation_dtype` and its Triton twin."""
+    acc = accumulation_dtype(values_KD.dtype)
+    return acc, _TRITON_DTYPE[acc]
 
 
 def _overflow_args(values_KD: Tensor, ids: Tensor, overflow: Overflow | None) -> tuple[object, Tensor, int, int, bool]:
@@ -173,7 +178,7 @@ def _fwd(values_KD: Tensor, indices_NL: Tensor, weights_NL: Tensor, overflow: Ov
     table, table_rows, stride_t, capacity, has_overflow = _overflow_args(values_KD, indices_NL, overflow)
     _bag_fwd_kernel[grid](
         values_KD, indices_NL, weights_NL, out_ND, table, table_rows, bag_len, dim, values_KD.stride(0), stride_t, capacity,
-        OVERFLOW=has_overflow, ACC=_acc_dtype(values_KD)[1], BLOCK_L=FWD_BLOCK_L, BLOCK_D=block_d,
+        OVERFLOW=has_overflow, ACC=_accumulation_dtypes(values_KD)[1], BLOCK_L=FWD_BLOCK_L, BLOCK_D=block_d,
     )
     return out_ND
 
@@ -191,7 +196,7 @@ def _bwd(
     rows_U, counts_U = torch.unique_consecutive(sorted_rows, return_counts=True)
     starts_U = torch.cumsum(counts_U, 0) - counts_U
     n_unique = rows_U.numel()
-    acc_torch, acc_triton = _acc_dtype(values_KD)
+    acc_torch, acc_triton = _accumulation_dtypes(values_KD)
     grad_rows_UD = torch.empty(n_unique if want_gv else 0, dim, dtype=acc_torch, device=device)
     grad_weights_NL = torch.empty(n_bags if want_gw else 0, bag_len, dtype=acc_torch, device=device)
     if n_unique > 0:

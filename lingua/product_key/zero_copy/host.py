@@ -5,7 +5,7 @@ its optimizer state). One process: ordinary memory. A training job of several pr
 node sharing (`share_with_node=True`, a collective): one shared-memory mapping per tensor, created
 by the node's first rank and mapped by the others, so the node holds ONE table whatever its
 number of GPUs; the rows a step touched are updated by the node's ranks in disjoint shares
-(`owned`). The node's ranks are the ranks that see each other's probe files in the shared-memory
+(`owned_slots`). The node's ranks are the ranks that see each other's probe files in the shared-memory
 mount (never a host name, which two machines may share), and each shared file has its whole
 size reserved when it is created, so a full mount is refused at once in one line instead of
 killing the job with SIGBUS at a later first touch. Anything else (eval, generation, even inside a training job) gets private memory. With CUDA present every tensor is registered with the driver
@@ -48,8 +48,16 @@ def available_host_bytes(shared: bool) -> int:
     return available
 
 
-def check_host_capacity(needed_bytes: int, what: str, shared: bool = False) -> None:
-    """Raise a ConfigError naming `what` when the host cannot hold needed_bytes (leaving 10% spare)."""
+def check_host_capacity(needed_bytes: int, what: str, sharing_ranks: int) -> None:
+    """Raise a ConfigError naming `what` when this node cannot hold needed_bytes (leaving 10% spare).
+
+    needed_bytes are the bytes of ONE copy of the host tensors; sharing_ranks is the number of this
+    node's ranks that map that copy (`HostMemory.local_size`; 1 for private memory). The rule: a
+    copy shared by several ranks lives once per node in SHM_DIR, so it is counted once and must also
+    fit in the mount's free space; a private copy (pageable or page-locked) belongs to the calling
+    rank alone, and every rank that makes one runs this check for its own copy.
+    """
+    shared = sharing_ranks > 1
     available = available_host_bytes(shared)
     if needed_bytes > 0.9 * available:
         where = f"the free space of {SHM_DIR} and host memory" if shared else "available host memory"
@@ -212,6 +220,7 @@ class HostMemory:
             fill_normal_(tensor, std, seed)
         self.barrier()
 
-    def owned(self, rows: Tensor) -> Tensor:
-        """The rows (of a step's sorted unique rows) this rank updates: every local_size-th one."""
-        return rows if not self.shared else rows[self.local_rank :: self.local_size]
+    def owned_slots(self, slots: Tensor) -> Tensor:
+        """Of a step's slots (positions 0..U-1 in its sorted unique rows), those this rank updates:
+        every local_size-th one from local_rank."""
+        return slots if not self.shared else slots[self.local_rank :: self.local_size]

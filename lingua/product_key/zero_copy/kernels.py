@@ -97,8 +97,9 @@ def _update_rows_kernel(
     V,  # [R, D] fp32 second moments (used only when ADAM)
     ROWS,  # [U] unique row ids
     G,  # [U, D] row gradients on the device
-    ROW_A,  # [U] fp32: Adam: 1 - beta1^t; Adagrad: sqrt(accumulator) + eps
-    ROW_B,  # [U] fp32: Adam: sqrt(1 - beta2^t) (read only when ADAM)
+    BIAS_CORRECTION1,  # [U] fp32 Adam: 1 - beta1^t (read only when ADAM)
+    BIAS_CORRECTION2_SQRT,  # [U] fp32 Adam: sqrt(1 - beta2^t) (read only when ADAM)
+    ADAGRAD_DENOMINATOR,  # [U] fp32 Adagrad: sqrt(accumulator) + eps (read only without ADAM)
     n_rows,
     lr,
     decay,  # 1 - lr * weight_decay
@@ -116,17 +117,18 @@ def _update_rows_kernel(
     slots, offs_d, in_range, rows, mask = _row_block(ROWS, n_rows, D, BLOCK_S, BLOCK_D)
     at = rows[:, None] * D + offs_d[None, :]
     g = tl.load(G + slots[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(ROW_A + slots, mask=in_range, other=1.0)[:, None]
     p = tl.load(W + at, mask=mask, other=0.0) * decay
     if ADAM:
         m = tl.load(M + at, mask=mask, other=0.0) * beta1 + g * one_minus_beta1
         v = tl.load(V + at, mask=mask, other=0.0) * beta2 + one_minus_beta2 * g * g
         tl.store(M + at, m, mask=mask)
         tl.store(V + at, v, mask=mask)
-        b = tl.load(ROW_B + slots, mask=in_range, other=1.0)[:, None]
-        p = p - lr * tl.div_rn(tl.div_rn(m, a), tl.div_rn(tl.sqrt_rn(v), b) + eps)
+        bias1 = tl.load(BIAS_CORRECTION1 + slots, mask=in_range, other=1.0)[:, None]
+        bias2_sqrt = tl.load(BIAS_CORRECTION2_SQRT + slots, mask=in_range, other=1.0)[:, None]
+        p = p - lr * tl.div_rn(tl.div_rn(m, bias1), tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps)
     else:
-        p = p - lr * tl.div_rn(g, a)
+        denominator = tl.load(ADAGRAD_DENOMINATOR + slots, mask=in_range, other=1.0)[:, None]
+        p = p - lr * tl.div_rn(g, denominator)
     tl.store(W + at, p, mask=mask)
     if HAS_LOW:
         tl.store(LOW + at, p.to(LOW.dtype.element_ty), mask=mask)
@@ -192,11 +194,15 @@ def update_rows_triton(table_RD: Tensor, low_precision_RD: Tensor | None, moment
     first, second = moments if moments else (table_RD, table_RD)
     low = low_precision_RD if low_precision_RD is not None else table_RD
     beta1, beta2 = step.betas
-    row_a = step.row_a.to(torch.float32).contiguous()
-    row_b = step.row_b.to(torch.float32).contiguous() if step.row_b is not None else row_a
+    if step.is_adam:
+        bias1, bias2_sqrt = step.bias_correction1.to(torch.float32).contiguous(), step.bias_correction2_sqrt.to(torch.float32).contiguous()
+        denominator = bias1  # a stand-in: never read under ADAM
+    else:
+        denominator = step.adagrad_denominator.to(torch.float32).contiguous()
+        bias1 = bias2_sqrt = denominator  # stand-ins: read only under ADAM
     _update_rows_kernel[grid](
         _kernel_arg(table_RD, device), _kernel_arg(low, device), _kernel_arg(first, device), _kernel_arg(second, device),
-        step.rows, step.grads.reshape(n_rows, dim).contiguous(), row_a, row_b, n_rows,
+        step.rows, step.grads.reshape(n_rows, dim).contiguous(), bias1, bias2_sqrt, denominator, n_rows,
         step.lr, 1 - step.lr * step.weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, step.eps,
         D=dim, ADAM=moments is not None, HAS_LOW=low_precision_RD is not None, BLOCK_S=BLOCK_ROWS, BLOCK_D=block_d,
     )

@@ -93,7 +93,7 @@ class HostRows:
 
     def prepare(self, rows_U: Tensor, grads_U: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's share of a step's (sorted unique rows, gradients), on the update device."""
-        owned = self.memory.owned(torch.arange(rows_U.numel(), device=rows_U.device))
+        owned = self.memory.owned_slots(torch.arange(rows_U.numel(), device=rows_U.device))
         rows_U, grads_U = rows_U[owned], grads_U[owned]
         if self.update_on == "host":
             rows_U, grads_U = rows_U.cpu(), grads_U.cpu()
@@ -207,8 +207,9 @@ class ZeroCopyValues(nn.Module):
             return
         shape, dtype = tuple(self.weight.shape), self.weight.dtype
         low_bytes = self.weight.numel() * 2 if self.transfer == "bf16" else 0
-        check_host_capacity(self.weight.numel() * self.weight.element_size() + low_bytes, f"the zero-copy value table {shape[0]} x {shape[1]}")
         memory = HostMemory(share_with_node)
+        table_bytes = self.weight.numel() * self.weight.element_size() + low_bytes
+        check_host_capacity(table_bytes, f"the zero-copy value table {shape[0]} x {shape[1]}", memory.local_size)
         weight = nn.Parameter(memory.zeros(shape, dtype), requires_grad=self.weight.requires_grad)
         low = memory.zeros(shape, torch.bfloat16) if self.transfer == "bf16" else None
         self.host = HostRows(memory, weight, low, self.update_on)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from lingua.args import ConfigError, InputError
 from lingua.data import DataArgs, iter_validation_batches
-
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # tokens [B, T] (long, on the model's device) -> logits [B, T, V]
+from lingua.evaluation.scoring import LogitsFn
 
 
 @dataclass

@@ -5,7 +5,7 @@ The offline task `synthetic_mc` (configs/tasks) asks 2 to 4 questions about each
 question is asked after the story and k other questions of the same story answered in the text's
 own format ("Q: ... A: answer."), for every k in `shots`, over the same questions at every k (the
 stories with at least max(shots) + 1 questions): the shots live in the document the model reads,
-as in-context examples do. Choices are scored with the lm-eval adapter (lingua.eval_harness): acc
+as in-context examples do. Choices are scored with the lm-eval adapter (lingua.evaluation.lm_eval_adapter): acc
 picks the highest log-likelihood, acc_norm the highest per character (lm-eval's definitions).
 """
 
@@ -21,7 +21,9 @@ import numpy as np
 from lm_eval.api.instance import Instance
 
 from lingua.args import ConfigError, InputError
-from lingua.eval_harness import LOCAL_TASKS_DIR, LinguaLM, LogitsFn
+from lingua.evaluation.lm_eval_adapter import LinguaLM
+from lingua.evaluation.scoring import LogitsFn
+from lingua.evaluation.tasks import LOCAL_TASKS_DIR
 from lingua.tokenizer import Tokenizer
 
 STORY_END = "\n\nQ: "  # a synthetic_mc context: story, blank line, answered questions, "Q: <question> A:"
