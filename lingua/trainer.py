@@ -10,6 +10,7 @@ checked against its checkpoint's first, lingua.resume).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -310,6 +311,10 @@ def train(cfg: TrainArgs, spec: ModelSpec) -> TrainResult:
                 _stop(loop, step, stop_signal)
                 break
     result.step = step
+    # Drop what holds process groups (FSDP state, the mesh, the memory layers' node groups) while the
+    # groups exist: left to interpreter exit, a group's destruction there can abort the process.
+    del loop, model, optimizer, scheduler, groups, mesh
+    gc.collect()
     _end_distributed()
     return result
 

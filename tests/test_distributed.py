@@ -280,3 +280,37 @@ def test_killed_rank_fails_the_job(data, tmp_path):
     assert process.returncode != 0
     assert time.monotonic() - start < 60
     json.dumps(process.returncode)
+
+
+def test_ctrl_c_under_torchrun_saves_on_every_rank_and_the_rerun_resumes(data, tmp_path):
+    """Ctrl-C at a terminal reaches torchrun only (it starts each rank in a session of its own);
+    torchrun passes SIGINT to the ranks, which finish the step, save one checkpoint together and
+    stop within its shutdown grace; torchrun itself then exits non-zero (its own SignalException
+    traceback). The rerun resumes from that checkpoint."""
+    from tests.test_faults import as_from_a_terminal
+
+    dump_dir = tmp_path / "run"
+    args = config_args(data[2], dump_dir, *FULL_SHARD, "steps=100000", "checkpoint.dump.every=100000")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "apps.main.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True, preexec_fn=as_from_a_terminal)
+    metrics = dump_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+        time.sleep(0.5)
+    os.kill(process.pid, signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    saved = [p.name for p in (dump_dir / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].isdigit(), saved  # published, no partial folder left
+    step = int(saved[0])
+    assert stderr.count(f"stopped by SIGINT at step {step}") == 1, stderr[-3000:]  # the main rank's line
+    assert "SIGKILL" not in stderr, stderr[-3000:]  # the ranks stopped by themselves within torchrun's grace
+    run(2, config_args(data[2], dump_dir, *FULL_SHARD, f"steps={step + 2}"))
+    assert [r["step"] for r in read_metrics(metrics) if "loss" in r][-2:] == [step + 1, step + 2]
