@@ -501,14 +501,14 @@ def _launching_script_hidden() -> Iterator[None]:
     otherwise re-imports `__main__` (e.g. apps.main.train with torch and the whole model stack, seconds
     per start) although the producer needs only this module."""
     main = sys.modules["__main__"]
-    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
-    main.__dict__.pop("__file__", None)
+    spec, path = main.__spec__, main.__dict__.pop("__file__", None)
     main.__spec__ = None
     try:
         yield
     finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
+        main.__spec__ = spec
+        if path is not None:
+            main.__file__ = path
 
 
 @contextmanager

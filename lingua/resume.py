@@ -115,12 +115,11 @@ class Change:
         return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
 
 
-def config_changes(old: dict, new: dict, defaults: dict | None = None) -> list[Change]:
+def config_changes(old: dict, new: dict, defaults: dict) -> list[Change]:
     """Every dotted key whose value differs between two nested config dicts, in key order. A key
     the old config lacks (written before the key existed) whose new value is its default in
     `defaults` is no change: the default keeps what the code did before the key was added."""
-    old_flat, new_flat = flatten_dict(old), flatten_dict(new)
-    default_flat = flatten_dict(defaults) if defaults is not None else {}
+    old_flat, new_flat, default_flat = flatten_dict(old), flatten_dict(new), flatten_dict(defaults)
     changes = []
     for key in sorted(old_flat.keys() | new_flat.keys()):
         before, after = old_flat.get(key, _UNSET), new_flat.get(key, _UNSET)
